@@ -1,0 +1,80 @@
+"""Choosing target layers and wrapping them with LoRALinear around one adapter bank."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from bilora_dist.adapters.bank import AdapterBank, Branch, LayerShape
+from bilora_dist.adapters.layer import LowRankUpdate
+from bilora_dist.errors import UserError
+
+_REGEX_CHARS = set(".*+?[](){}|^$\\")
+
+
+def select_targets(model: nn.Module, spec: str) -> list[str]:
+    """Module paths of the linear layers to adapt.
+
+    `all-linear`: every nn.Linear except the output head; `a,b,c`: layers whose last name component
+    is one of these (PEFT's rule); anything with regex characters: a regex matched against the full path.
+    """
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output]
+    spec = spec.strip()
+    if spec == "all-linear":
+        names = [n for n, _ in linears]
+    elif _REGEX_CHARS & set(spec):
+        try:
+            pattern = re.compile(spec)
+        except re.error as exc:
+            raise UserError(f"--target-modules: invalid regex '{spec}' ({exc})") from None
+        names = [n for n, _ in linears if pattern.fullmatch(n)]
+    else:
+        wanted = {w.strip() for w in spec.split(",") if w.strip()}
+        names = [n for n, _ in linears if n.rsplit(".", 1)[-1] in wanted]
+    if not names:
+        raise UserError(f"--target-modules '{spec}' matches no linear layer of the model")
+    return names
+
+
+def layer_shapes(model: nn.Module, names: list[str]) -> list[LayerShape]:
+    modules = dict(model.named_modules())
+    return [LayerShape(n, modules[n].in_features, modules[n].out_features) for n in names]
+
+
+def check_rank(shapes: list[LayerShape], rank: int, flag: str) -> None:
+    for s in shapes:
+        if rank > min(s.in_features, s.out_features):
+            raise UserError(f"{flag} {rank} exceeds min(in, out) = {min(s.in_features, s.out_features)} "
+                            f"of layer {s.name}")
+
+
+def build_bank(shapes: list[LayerShape], rank: int, alpha: float, aux_rank: int | None, aux_scale: float,
+               seed: int) -> AdapterBank:
+    """A fresh bank: primary (rank, alpha/rank) and optionally auxiliary (aux_rank, aux_scale), seeded
+    so that every data-parallel rank builds bit-identical factors."""
+    check_rank(shapes, rank, "--rank")
+    generator = torch.Generator().manual_seed(seed)
+    n = len(shapes)
+    primary = Branch.initialized(shapes, [rank] * n, [alpha / rank] * n, generator)
+    aux = None
+    if aux_rank is not None:
+        check_rank(shapes, aux_rank, "--aux-rank")
+        aux = Branch.initialized(shapes, [aux_rank] * n, [aux_scale] * n, generator)
+    return AdapterBank(shapes, primary, aux)
+
+
+def inject(model: nn.Module, bank: AdapterBank) -> list[torch.utils.hooks.RemovableHandle]:
+    """Attach layer i's low-rank update from the bank to each target linear; returns the hook handles."""
+    return [model.get_submodule(shape.name).register_forward_hook(LowRankUpdate(bank, i))
+            for i, shape in enumerate(bank.shapes)]
+
+
+def peft_target_modules(spec: str, names: list[str]) -> list[str]:
+    """PEFT's target_modules matching exactly the adapted layers: leaf names when the selection was by
+    leaf name (or all-linear), full module paths when it was a regex."""
+    if _REGEX_CHARS & set(spec.strip()):
+        return sorted(names)
+    return sorted({n.rsplit(".", 1)[-1] for n in names})

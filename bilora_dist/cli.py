@@ -1,0 +1,24 @@
+"""Command-line entry points: user mistakes become one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from bilora_dist.errors import UserError
+
+
+def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) -> int:
+    try:
+        main(sys.argv[1:] if argv is None else argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def train_main(argv: list[str]) -> None:
+    from bilora_dist.config import parse_config
+    from bilora_dist.trainer import train
+
+    train(parse_config(argv))

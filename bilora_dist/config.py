@@ -1,0 +1,154 @@
+"""Training configuration: one dataclass, filled from defaults < YAML file < command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bilora_dist.errors import UserError
+
+METHODS = ("lora", "bilora", "lora-sam")
+ENGINES = ("auto", "single", "deepspeed", "fsdp")
+SCHEDULERS = ("cosine", "linear", "constant")
+DEFAULT_RHO = {"bilora": 0.05, "lora-sam": 0.01, "lora": 0.0}
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run. Flag `--foo-bar` and YAML key `foo_bar` set field `foo_bar`."""
+
+    model: str = _opt("", "HF hub id or local directory (default: embedded SmolLM2-135M-Instruct)")
+    data: str = _opt("", ".jsonl/.json/.parquet file or saved datasets dir (default: embedded task)")
+    eval_data: str = _opt("", "held-out data, same forms (default: embedded held-out split)")
+    method: str = _opt("bilora", "training method", choices=METHODS)
+    rank: int = _opt(8, "primary LoRA rank r1")
+    alpha: float = _opt(16.0, "primary LoRA alpha (scale alpha/rank)")
+    aux_rank: int = _opt(8, "Bi-LoRA auxiliary rank r2")
+    aux_scale: float = _opt(1.0, "Bi-LoRA auxiliary scale s2")
+    rho: float | None = _opt(None, "perturbation radius (default 0.05 for bilora, 0.01 for lora-sam)")
+    target_modules: str = _opt("all-linear", "comma-separated module names, a regex, or all-linear")
+    lr: float = _opt(5e-4, "peak learning rate")
+    weight_decay: float = _opt(0.0, "AdamW weight decay of the primary adapter")
+    warmup_ratio: float = _opt(0.05, "fraction of steps of linear warmup")
+    scheduler: str = _opt("cosine", "learning-rate schedule after warmup", choices=SCHEDULERS)
+    max_grad_norm: float = _opt(1.0, "clip the primary adapter gradient to this norm (0: off)")
+    max_steps: int = _opt(0, "optimizer steps (0: derive from --epochs)")
+    epochs: float = _opt(1.0, "passes over the training data when --max-steps is 0")
+    micro_batch_size: int = _opt(8, "sequences per micro-batch per rank")
+    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
+    seq_len: int = _opt(256, "truncate sequences to this many tokens")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward")
+    engine: str = _opt("auto", "what shards the frozen base", choices=ENGINES)
+    ds_config: str = _opt("", "DeepSpeed JSON config (deepspeed engine)")
+    eval_every: int = _opt(0, "evaluate every N steps (0: only before and after training)")
+    eval_batch_size: int = _opt(16, "sequences per evaluation batch per rank")
+    log_every: int = _opt(1, "write a metrics row every N steps")
+    output_dir: str = _opt("outputs/run", "where config, metrics and the adapter go")
+    seed: int = _opt(0, "seed of adapter init and data order")
+    config: str = _opt("", "YAML file with any of these keys (flags override it)")
+
+    def resolved(self) -> "TrainConfig":
+        """Return a copy with method-dependent defaults filled in."""
+        rho = DEFAULT_RHO[self.method] if self.rho is None else self.rho
+        return dataclasses.replace(self, rho=rho)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+_POSITIVE_INT = ("rank", "micro_batch_size", "grad_accum", "seq_len", "eval_batch_size", "log_every")
+_NON_NEGATIVE = ("weight_decay", "max_grad_norm", "max_steps", "eval_every", "epochs")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise UserError naming the first bad value."""
+    for name in _POSITIVE_INT:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{_flag(name)} must be >= 1, got {getattr(cfg, name)}")
+    for name in _NON_NEGATIVE:
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.method == "bilora" and cfg.aux_rank < 1:
+        raise UserError(f"--aux-rank must be >= 1, got {cfg.aux_rank}")
+    if cfg.rho is not None and cfg.rho < 0:
+        raise UserError(f"--rho must be >= 0, got {cfg.rho}")
+    if cfg.alpha <= 0:
+        raise UserError(f"--alpha must be > 0, got {cfg.alpha}")
+    if not cfg.lr > 0:
+        raise UserError(f"--lr must be > 0, got {cfg.lr}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise UserError(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.max_steps == 0 and cfg.epochs == 0:
+        raise UserError("one of --max-steps or --epochs must be > 0")
+    if not cfg.target_modules.strip():
+        raise UserError("--target-modules is empty")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise UserError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="launch/train.py", description="Bi-LoRA / LoRA / LoRA-SAM fine-tuning",
+                     argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    for f in fields(TrainConfig):
+        kwargs: dict[str, Any] = {"help": f.metadata["help"], "dest": f.name}
+        if f.type == "bool":
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = {"int": int, "float": float, "float | None": float}.get(f.type, str)
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{_flag(f.name)}", **kwargs)
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by launchers
+    return parser
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise UserError(f"--config: file not found: {path}")
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config {path}: not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a mapping of keys to values")
+    known = {f.name: f for f in fields(TrainConfig)}
+    for key, value in values.items():
+        if key not in known:
+            raise UserError(f"--config {path}: unknown key '{key}'")
+    return values
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Build the run's configuration from YAML (if --config) and flags, validated and resolved."""
+    given = vars(_parser().parse_args(argv))
+    given.pop("local_rank", None)
+    values = _load_yaml(given["config"]) if given.get("config") else {}
+    values.update(given)
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as exc:
+        raise UserError(f"bad configuration: {exc}") from None
+    for f in fields(TrainConfig):  # YAML values bypass argparse's typing and choices
+        value = getattr(cfg, f.name)
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise UserError(f"{f.name}: '{value}' is not one of {', '.join(f.metadata['choices'])}")
+        if f.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UserError(f"{f.name}: expected a number, got {value!r}")
+    validate(cfg)
+    return cfg.resolved()

@@ -1,0 +1,89 @@
+"""Held-out evaluation, always with the auxiliary branch off: loss and, for classification data, accuracy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from bilora_dist.adapters.bank import AdapterBank
+from bilora_dist.data import IGNORE, Example, collate
+from bilora_dist.engines.base import Engine
+from bilora_dist.loss import token_loss_sum
+
+MAX_CHOICES = 64
+
+
+@dataclass(frozen=True)
+class ChoiceTask:
+    """Eval records whose completions come from a small set of single-token labels.
+
+    Accuracy is the argmax of the label log-likelihood after the prompt; for single-token labels
+    that is one forward pass per prompt, reading the logits of the candidate tokens.
+    """
+
+    prompts: list[Example]
+    candidate_ids: list[int]
+    gold: list[int]
+
+
+def choice_task(records: list[dict[str, Any]], tokenizer: Any, seq_len: int) -> ChoiceTask | None:
+    """The classification view of the eval set, or None if its completions are not single-token labels."""
+    if not all("prompt" in r for r in records):
+        return None
+    labels = sorted({r["completion"] for r in records})
+    if not 2 <= len(labels) <= MAX_CHOICES:
+        return None
+    ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
+    if any(len(i) != 1 for i in ids):
+        return None
+    prompts = []
+    for r in records:
+        p = tokenizer(r["prompt"])["input_ids"][-seq_len:]
+        prompts.append(Example(p, [IGNORE] * len(p)))
+    return ChoiceTask(prompts, [i[0] for i in ids], [labels.index(r["completion"]) for r in records])
+
+
+def _rank_share(n: int, engine: Engine, batch_size: int) -> list[list[int]]:
+    """This rank's eval batches: indices rank::world, padded with -1 so every rank runs the same count
+    of forward passes (sharded engines gather weights collectively inside forward)."""
+    mine = list(range(engine.rank, n, engine.world_size))
+    per_rank = -(-n // engine.world_size)
+    mine += [-1] * (per_rank - len(mine))
+    return [mine[i:i + batch_size] for i in range(0, per_rank, batch_size)]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, bank: AdapterBank, examples: list[Example], task: ChoiceTask | None,
+             engine: Engine, batch_size: int, pad_id: int) -> dict[str, float]:
+    """eval_loss (token-mean over the whole set) and, with a ChoiceTask, accuracy; identical on every rank."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4)  # loss sum, tokens, correct, scored
+    with bank.primary_only():
+        for idx in _rank_share(len(examples), engine, batch_size):
+            batch = collate([examples[max(i, 0)] for i in idx], pad_id)
+            valid = torch.tensor([i >= 0 for i in idx])
+            batch["labels"][~valid] = IGNORE
+            loss, tokens = token_loss_sum(model, batch)
+            totals[0] += loss
+            totals[1] += tokens
+        if task is not None:
+            cand = torch.tensor(task.candidate_ids)
+            for idx in _rank_share(len(task.prompts), engine, batch_size):
+                batch = collate([task.prompts[max(i, 0)] for i in idx], pad_id)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               position_ids=batch["position_ids"], logits_to_keep=1, use_cache=False).logits
+                pred = logits[:, -1, cand].argmax(-1)
+                for row, i in enumerate(idx):
+                    if i >= 0:
+                        totals[2] += int(pred[row]) == task.gold[i]
+                        totals[3] += 1
+    engine.all_reduce_sum_(totals)
+    model.train(was_training)
+    out = {"eval_loss": float(totals[0] / totals[1])}
+    if task is not None:
+        out["accuracy"] = float(totals[2] / totals[3])
+    return out

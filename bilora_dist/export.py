@@ -1,0 +1,60 @@
+"""Writing the primary adapter as a Hugging Face PEFT LoRA adapter directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from bilora_dist.adapters.bank import Branch
+
+PROVENANCE_FILE = "bilora_dist.json"
+
+
+def peft_state_dict(branch: Branch) -> dict[str, Any]:
+    """PEFT tensor names (adapter name stripped, as PEFT saves them) -> contiguous copies of the factors."""
+    out = {}
+    for i, shape in enumerate(branch.shapes):
+        A, B = branch.factors(i)
+        out[f"base_model.model.{shape.name}.lora_A.weight"] = A.detach().clone().contiguous()
+        out[f"base_model.model.{shape.name}.lora_B.weight"] = B.detach().clone().contiguous()
+    return out
+
+
+def peft_config(branch: Branch, target_modules: list[str], base_model: str) -> dict[str, Any]:
+    """adapter_config.json; per-layer ranks other than the most common one go to rank_pattern/alpha_pattern."""
+    ranks = branch.ranks
+    r = max(set(ranks), key=ranks.count)
+    alpha = next(s * k for s, k in zip(branch.scales, ranks) if k == r)
+    rank_pattern = {f"^{s.name}$": k for s, k in zip(branch.shapes, ranks) if k != r}
+    alpha_pattern = {f"^{s.name}$": sc * k for s, k, sc in zip(branch.shapes, ranks, branch.scales)
+                     if abs(sc * k - alpha) > 1e-9 * alpha}
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": r, "lora_alpha": alpha, "target_modules": target_modules, "lora_dropout": 0.0,
+            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+            "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+            "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+
+
+def save_peft_adapter(branch: Branch, out_dir: Path, target_modules: list[str], base_model: str,
+                      provenance: dict[str, Any]) -> None:
+    """Write adapter_config.json, adapter_model.safetensors and our own bilora_dist.json atomically:
+    the directory appears complete or not at all, and an existing one is replaced only once the new one is."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    save_file(peft_state_dict(branch), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (tmp / "adapter_config.json").write_text(json.dumps(peft_config(branch, target_modules, base_model), indent=2))
+    (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}-old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)

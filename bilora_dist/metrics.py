@@ -1,0 +1,33 @@
+"""Run metrics: one JSON object per logged step in metrics.jsonl, mirrored to TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
+
+
+class MetricsLog:
+    """Appends rows to DIR/metrics.jsonl and DIR/tensorboard/; a no-op on non-main ranks."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            self._jsonl = (out_dir / "metrics.jsonl").open("a", encoding="utf-8")
+            self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and value is not None:
+                self._tb.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()

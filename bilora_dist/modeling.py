@@ -1,0 +1,38 @@
+"""Loading the frozen base model and its tokenizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from bilora_dist import embedded
+from bilora_dist.errors import UserError
+
+
+def resolve_model(spec: str) -> str:
+    """The model directory or hub id to load ('' means the embedded default)."""
+    return str(embedded.default_model_dir()) if not spec else spec
+
+
+def load_config(path: str) -> Any:
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--model {path}: cannot load a model config ({str(exc).splitlines()[0]})") from None
+
+
+def load_tokenizer(path: str) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_frozen_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The base causal LM with every parameter frozen."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,48 @@
+"""Shared fixtures: the embedded tokenizer and a tiny random Llama that uses it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from bilora_dist.embedded import DEFAULT_TRAIN, default_model_dir
+from bilora_dist.modeling import load_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer(str(default_model_dir()))
+
+
+def tiny_llama_config(vocab_size: int) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 2-layer random Llama with the embedded tokenizer, saved as a local model directory."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(1234)
+    LlamaForCausalLM(tiny_llama_config(len(tokenizer))).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def train_records() -> list[dict]:
+    return [json.loads(line) for line in DEFAULT_TRAIN.read_text().splitlines()[:64]]
+
+
+@pytest.fixture
+def small_data(tmp_path, train_records) -> tuple[Path, Path]:
+    """32 training and 16 held-out records of the embedded task as .jsonl files."""
+    train, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in train_records[:32]))
+    held.write_text("".join(json.dumps(r) + "\n" for r in train_records[32:48]))
+    return train, held
