@@ -18,7 +18,14 @@ def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) 
 
 
 def train_main(argv: list[str]) -> None:
-    from bilora_dist.config import parse_config
-    from bilora_dist.trainer import train
+    from transformers.utils import logging as hf_logging
 
-    train(parse_config(argv))
+    from bilora_dist.config import parse_config
+    from bilora_dist.trainer import dry_run, train
+
+    hf_logging.disable_progress_bar()  # the run shows its own progress
+    cfg = parse_config(argv)
+    if cfg.dry_run:
+        print(dry_run(cfg))
+    else:
+        train(cfg)

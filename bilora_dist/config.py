@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from bilora_dist.ds_config import merge_into, read_ds_config
 from bilora_dist.errors import UserError
 
 METHODS = ("lora", "bilora", "lora-sam")
@@ -47,8 +48,12 @@ class TrainConfig:
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
     seq_len: int = _opt(256, "truncate sequences to this many tokens")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward")
+    bf16: bool = _opt(False, "frozen base in bfloat16 (adapters, their optimizer and norms stay fp32)")
     engine: str = _opt("auto", "what shards the frozen base", choices=ENGINES)
     ds_config: str = _opt("", "DeepSpeed JSON config (deepspeed engine)")
+    replica_check_every: int = _opt(50, "every N steps, verify all ranks hold bit-identical adapters (0: never)")
+    dry_run: bool = _opt(False, "print the per-rank memory plan and exit without allocating the model")
+    plan_ranks: int = _opt(0, "ranks the --dry-run plan is for (0: the launched world size)")
     eval_every: int = _opt(0, "evaluate every N steps (0: only before and after training)")
     eval_batch_size: int = _opt(16, "sequences per evaluation batch per rank")
     log_every: int = _opt(1, "write a metrics row every N steps")
@@ -66,7 +71,8 @@ class TrainConfig:
 
 
 _POSITIVE_INT = ("rank", "micro_batch_size", "grad_accum", "seq_len", "eval_batch_size", "log_every")
-_NON_NEGATIVE = ("weight_decay", "max_grad_norm", "max_steps", "eval_every", "epochs")
+_NON_NEGATIVE = ("weight_decay", "max_grad_norm", "max_steps", "eval_every", "epochs", "replica_check_every",
+                 "plan_ranks")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -113,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
             kwargs["type"] = {"int": int, "float": float, "float | None": float}.get(f.type, str)
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(f"--{_flag(f.name)}", **kwargs)
+        aliases = [f"--{_flag(f.name)}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        parser.add_argument(*aliases, **kwargs)
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by launchers
     return parser
 
@@ -144,6 +151,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         cfg = TrainConfig(**values)
     except TypeError as exc:
         raise UserError(f"bad configuration: {exc}") from None
+    if cfg.ds_config:
+        cfg = merge_into(cfg, read_ds_config(cfg.ds_config), cfg.ds_config)
     for f in fields(TrainConfig):  # YAML values bypass argparse's typing and choices
         value = getattr(cfg, f.name)
         if "choices" in f.metadata and value not in f.metadata["choices"]:

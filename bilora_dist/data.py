@@ -142,6 +142,11 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, Tensor]:
             "logits_to_keep": width - first_target + 1}
 
 
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its tensors moved to `device` (ints such as logits_to_keep stay as they are)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 class BatchPlan:
     """Which examples every optimizer step uses: a pure function of the step number.
 

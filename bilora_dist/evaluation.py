@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bilora_dist.adapters.bank import AdapterBank
-from bilora_dist.data import IGNORE, Example, collate
+from bilora_dist.data import IGNORE, Example, collate, to_device
 from bilora_dist.engines.base import Engine
 from bilora_dist.loss import token_loss_sum
 
@@ -61,19 +61,19 @@ def evaluate(model: nn.Module, bank: AdapterBank, examples: list[Example], task:
     """eval_loss (token-mean over the whole set) and, with a ChoiceTask, accuracy; identical on every rank."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(4)  # loss sum, tokens, correct, scored
+    totals = torch.zeros(4, device=engine.device)  # loss sum, tokens, correct, scored
     with bank.primary_only():
         for idx in _rank_share(len(examples), engine, batch_size):
             batch = collate([examples[max(i, 0)] for i in idx], pad_id)
-            valid = torch.tensor([i >= 0 for i in idx])
-            batch["labels"][~valid] = IGNORE
+            batch["labels"][[i < 0 for i in idx]] = IGNORE
+            batch = to_device(batch, engine.device)
             loss, tokens = token_loss_sum(model, batch)
             totals[0] += loss
             totals[1] += tokens
         if task is not None:
-            cand = torch.tensor(task.candidate_ids)
+            cand = torch.tensor(task.candidate_ids, device=engine.device)
             for idx in _rank_share(len(task.prompts), engine, batch_size):
-                batch = collate([task.prompts[max(i, 0)] for i in idx], pad_id)
+                batch = to_device(collate([task.prompts[max(i, 0)] for i in idx], pad_id), engine.device)
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                position_ids=batch["position_ids"], logits_to_keep=1, use_cache=False).logits
                 pred = logits[:, -1, cand].argmax(-1)
@@ -82,6 +82,7 @@ def evaluate(model: nn.Module, bank: AdapterBank, examples: list[Example], task:
                         totals[2] += int(pred[row]) == task.gold[i]
                         totals[3] += 1
     engine.all_reduce_sum_(totals)
+    engine.release()
     model.train(was_training)
     out = {"eval_loss": float(totals[0] / totals[1])}
     if task is not None:

@@ -31,6 +31,28 @@ def load_tokenizer(path: str) -> Any:
     return tokenizer
 
 
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The units a sharding engine gathers one at a time: the decoder blocks (HF's _no_split_modules)
+    and, when not tied, the input embedding and the output head."""
+    block_types = set(getattr(model, "_no_split_modules", None) or [])
+    units = [m for m in model.modules() if type(m).__name__ in block_types]
+    if not units:
+        raise UserError(f"{type(model).__name__} declares no decoder block type (_no_split_modules); "
+                        "it cannot be sharded block by block")
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight is not embed.weight:
+        units += [embed, head]
+    return units
+
+
+def build_on_meta(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model's architecture with no storage behind its parameters (for sharded loading and planning)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_config(path), dtype=dtype)
+    model.requires_grad_(False)
+    return model
+
+
 def load_frozen_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The base causal LM with every parameter frozen."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

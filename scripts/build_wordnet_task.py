@@ -70,8 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--wordnet-dir", type=Path, default=Path("/usr/share/wordnet"))
     parser.add_argument("--out-dir", type=Path, default=Path("bilora_dist/assets/wordnet_supersense"))
-    parser.add_argument("--train-per-class", type=int, default=40)
-    parser.add_argument("--eval-per-class", type=int, default=10)
+    parser.add_argument("--train-per-class", type=int, default=30)
+    parser.add_argument("--eval-per-class", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -8,6 +8,7 @@ sit at a constant stride and form one batched view (used by the norm projection 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from collections.abc import Iterator
@@ -90,6 +91,21 @@ class Branch(nn.Module):
         B = self.flat[start + r * n:start + r * (n + m)].view(m, r)
         return A, B
 
+    def all_factors(self) -> list[tuple[Tensor, Tensor]]:
+        """Every layer's (A_i, B_i) from a single split of `flat`.
+
+        Slicing `flat` per layer would make autograd scatter each layer's gradient into its own
+        flat-sized zero tensor (O(layers x size) per backward); one split has one backward that
+        concatenates all layers' gradients."""
+        sizes, where = [], {}
+        for i in self.order:
+            r, shape = self.ranks[i], self.shapes[i]
+            where[i] = len(sizes)
+            sizes += [r * shape.in_features, shape.out_features * r]
+        pieces = self.flat.split(sizes)
+        return [(pieces[where[i]].view(self.ranks[i], s.in_features), pieces[where[i] + 1].view(s.out_features, self.ranks[i]))
+                for i, s in enumerate(self.shapes)]
+
     def _key(self, i: int) -> tuple[int, int, int]:
         return self.shapes[i].in_features, self.shapes[i].out_features, self.ranks[i]
 
@@ -102,12 +118,12 @@ class Branch(nn.Module):
         shape, r = self.shapes[layers[0]], self.ranks[layers[0]]
         n, m, stride = shape.in_features, shape.out_features, r * (shape.in_features + shape.out_features)
         block = self.flat[self.offsets[layers[0]]:self.offsets[layers[0]] + stride * len(layers)].view(len(layers), stride)
-        scales = torch.tensor([self.scales[i] for i in layers], dtype=self.flat.dtype)
+        scales = torch.tensor([self.scales[i] for i in layers], dtype=self.flat.dtype, device=self.flat.device)
         return ShapeGroup(layers, block[:, :r * n].view(-1, r, n), block[:, r * n:].view(-1, m, r), scales)
 
     def delta_sq_norms(self) -> Tensor:
         """||s_i B_i A_i||_F^2 for every layer, from r x r Gram products (never forms m x n)."""
-        out = torch.empty(len(self.shapes), dtype=self.flat.dtype)
+        out = torch.empty(len(self.shapes), dtype=self.flat.dtype, device=self.flat.device)
         for g in self.groups():
             gram = (g.B.transpose(1, 2) @ g.B) * (g.A @ g.A.transpose(1, 2))
             out[g.layers] = g.scales.square() * gram.sum(dim=(1, 2))
@@ -124,13 +140,23 @@ class AdapterBank(nn.Module):
         self.aux = aux
         self.aux_active = aux is not None
         self.grad_bucket: Tensor | None = None
+        self._pass_factors: list[list[tuple[Tensor, Tensor]]] | None = None
+
+    def begin_pass(self) -> None:
+        """Split every branch into its layers' factors once for the coming forward pass (a root pre-hook)."""
+        self._pass_factors = [branch.all_factors() for branch in self.branches()]
+
+    def _factors(self, branch: int, i: int) -> tuple[Tensor, Tensor]:
+        if self._pass_factors is not None:
+            return self._pass_factors[branch][i]
+        return self.branches()[branch].factors(i)
 
     def delta(self, i: int, x: Tensor) -> Tensor:
         """The low-rank update of layer i applied to x: s1 B1 A1 x (+ s2 B2 A2 x), one matmul pair."""
-        A, B = self.primary.factors(i)
+        A, B = self._factors(0, i)
         B = B * self.primary.scales[i]
         if self.aux is not None and self.aux_active:
-            A2, B2 = self.aux.factors(i)
+            A2, B2 = self._factors(1, i)
             A = torch.cat([A, A2])
             B = torch.cat([B, B2 * self.aux.scales[i]], dim=1)
         return F.linear(F.linear(x.to(A.dtype), A), B)
@@ -144,6 +170,13 @@ class AdapterBank(nn.Module):
         finally:
             self.aux_active = previous
 
+    def digest(self) -> str:
+        """SHA-256 of every branch's exact bytes: equal on two ranks iff their adapters are bit-identical."""
+        h = hashlib.sha256()
+        for branch in self.branches():
+            h.update(branch.flat.detach().cpu().numpy().tobytes())
+        return h.hexdigest()
+
     def branches(self) -> list[Branch]:
         return [b for b in (self.primary, self.aux) if b is not None]
 
@@ -154,7 +187,7 @@ class AdapterBank(nn.Module):
         the caller keeps in the extra slots). Autograd accumulates into the views in place.
         """
         sizes = [b.flat.numel() for b in self.branches()]
-        bucket = torch.zeros(sum(sizes) + extra, dtype=self.primary.flat.dtype)
+        bucket = torch.zeros(sum(sizes) + extra, dtype=self.primary.flat.dtype, device=self.primary.flat.device)
         for branch, chunk in zip(self.branches(), bucket.split(sizes + [extra])):
             branch.flat.grad = chunk
         self.grad_bucket = bucket

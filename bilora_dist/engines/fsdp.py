@@ -1,0 +1,88 @@
+"""FSDP2: the frozen base built on the meta device, `fully_shard` per decoder block (and per untied
+embedding / head), then each rank materialises and loads only its own shards, tensor by tensor.
+
+The adapters are not parameters of the model, so FSDP never shards or reduces them; the training
+loop's single all-reduce of the adapter bucket is the only adapter communication.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from bilora_dist.engines.distributed import DataParallelEngine
+from bilora_dist.errors import UserError
+from bilora_dist.modeling import build_on_meta, shard_units
+
+
+def _checkpoint_tensors(path: Path) -> dict[str, Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"--model {path}: --engine fsdp needs a directory with .safetensors weights")
+    index = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            index.update({key: file for key in f.keys()})
+    return index
+
+
+class FSDPEngine(DataParallelEngine):
+    name = "fsdp2"
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        # the frozen base is stored in the compute dtype already; the policy states it and keeps any
+        # reduction in fp32 (the adapters' own gradient sync is ours, in fp32, outside FSDP)
+        self.mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        self._root: nn.Module | None = None
+
+    def build(self, path: str, dtype: torch.dtype) -> nn.Module:
+        model = build_on_meta(path, dtype)
+        for unit in shard_units(model):
+            fully_shard(unit, mesh=self.mesh, mp_policy=self.mp_policy)
+        fully_shard(model, mesh=self.mesh, mp_policy=self.mp_policy)
+        model.to_empty(device=self.device)
+        self._load_local_shards(model, Path(path))
+        self._root = model
+        return model
+
+    def _load_local_shards(self, model: nn.Module, path: Path) -> None:
+        """Read each checkpoint tensor (one at a time, memory-mapped) and keep this rank's shard of it."""
+        index = _checkpoint_tensors(path)
+        tied = model.get_output_embeddings() is not None and \
+            model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        handles = {file: safe_open(str(file), framework="pt") for file in set(index.values())}
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name not in index:
+                    if tied and param is model.get_input_embeddings().weight:
+                        continue
+                    raise UserError(f"--model {path}: checkpoint has no tensor '{name}'")
+                full = handles[index[name]].get_tensor(name).to(param.dtype)
+                if isinstance(param, DTensor):
+                    local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+                    param.to_local().copy_(local.to_local())
+                else:
+                    param.copy_(full)
+            for name, buf in model.named_buffers():
+                if name in index:
+                    buf.copy_(handles[index[name]].get_tensor(name))
+        for module in model.modules():  # non-persistent buffers (rotary frequencies) are not in checkpoints
+            if "RotaryEmbedding" in type(module).__name__:
+                model._init_weights(module)
+
+    def release(self) -> None:
+        if self._root is not None:
+            self._root.reshard()  # the root keeps its parameters gathered after a no-grad forward
+
+    def held_base_numel(self, model: nn.Module) -> tuple[int, int]:
+        params = list(model.parameters())
+        held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+        return held, sum(p.numel() for p in params)

@@ -1,0 +1,138 @@
+"""Every bad input of interface.md ends in one clear line and exit status 2, and damages nothing saved."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bilora_dist.cli import run_cli, train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fail(capsys, argv: list[str]) -> str:
+    assert run_cli(train_main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.fixture
+def base_args(tiny_model_dir, small_data, tmp_path):
+    return ["--model", str(tiny_model_dir), "--data", str(small_data[0]), "--eval-data", str(small_data[1]),
+            "--max-steps", "1", "--micro-batch-size", "2", "--output-dir", str(tmp_path / "out")]
+
+
+def _with(args: list[str], **flags: str) -> list[str]:
+    out = list(args)
+    for key, value in flags.items():
+        flag = "--" + key.replace("_", "-")
+        if flag in out:
+            out[out.index(flag) + 1] = value
+        else:
+            out += [flag, value]
+    return out
+
+
+def test_missing_data_file(capsys, base_args, tmp_path):
+    assert "file not found" in _fail(capsys, _with(base_args, data=str(tmp_path / "nope.jsonl")))
+
+
+def test_malformed_record_names_the_line(capsys, base_args, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": " b"}\n{"prompt": "a", "completion": \n')
+    assert "line 2: malformed JSON" in _fail(capsys, _with(base_args, data=str(bad)))
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"text": "fine"}\n{"question": "x"}\n')
+    assert "line 2: expected one of the record forms" in _fail(capsys, _with(base_args, data=str(wrong)))
+
+
+def test_empty_dataset(capsys, base_args, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert "dataset is empty" in _fail(capsys, _with(base_args, eval_data=str(empty)))
+
+
+def test_rank_larger_than_a_layer(capsys, base_args):
+    err = _fail(capsys, _with(base_args, rank="24"))
+    assert "--rank 24 exceeds min(in, out) = 16 of layer model.layers.0.self_attn.k_proj" in err
+
+
+def test_negative_rho(capsys, base_args):
+    assert "--rho must be >= 0" in _fail(capsys, _with(base_args, rho="-0.1"))
+
+
+def test_target_modules_matching_nothing(capsys, base_args):
+    assert "matches no linear layer" in _fail(capsys, _with(base_args, target_modules="qkv_fused"))
+
+
+def test_unknown_flag_and_unknown_yaml_key(capsys, base_args, tmp_path):
+    assert "unrecognized arguments: --rnak" in _fail(capsys, base_args + ["--rnak", "4"])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rank: 4\nlearning_rate: 0.1\n")
+    assert "unknown key 'learning_rate'" in _fail(capsys, base_args + ["--config", str(cfg)])
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("lr", "-1", "--lr must be > 0"), ("micro_batch_size", "0", "--micro-batch-size must be >= 1"),
+    ("warmup_ratio", "1.5", "--warmup-ratio must be in [0, 1)"), ("method", "sam", "invalid choice: 'sam'"),
+    ("rank", "four", "invalid int value: 'four'")])
+def test_out_of_range_values(capsys, base_args, flag, value, message):
+    assert message in _fail(capsys, _with(base_args, **{flag: value}))
+
+
+def test_a_failed_run_leaves_the_saved_run_untouched(capsys, base_args, tmp_path):
+    assert run_cli(train_main, base_args) == 0
+    out = tmp_path / "out"
+    digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()}
+    assert (out / "adapter" / "adapter_model.safetensors") in digest
+    capsys.readouterr()
+    assert "already holds a run" in _fail(capsys, base_args)
+    assert "file not found" in _fail(capsys, _with(base_args, data=str(tmp_path / "gone.jsonl")))
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()} == digest
+
+
+def test_launcher_prints_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "launch/train.py", "--rho", "-1"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: --rho must be >= 0, got -1.0"
+    assert "Traceback" not in proc.stderr
+
+
+def test_yaml_config_is_overridden_by_flags_and_written_resolved(base_args, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rank: 4\nalpha: 8\nmethod: lora-sam\n")
+    assert run_cli(train_main, _with(base_args, config=str(cfg), alpha="2")) == 0
+    resolved = yaml.safe_load((tmp_path / "out" / "train_config.yaml").read_text())
+    assert (resolved["rank"], resolved["alpha"], resolved["method"], resolved["rho"]) == (4, 2.0, "lora-sam", 0.01)
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (4, 2.0)
+
+
+def test_ds_config_key_that_cannot_be_honoured_is_named(capsys, base_args, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}))
+    assert "key 'optimizer' is not honoured" in _fail(capsys, base_args + ["--ds_config", str(ds)])
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}))
+    assert "zero_optimization.offload_optimizer" in _fail(capsys, base_args + ["--ds_config", str(ds)])
+    ds.write_text("{not json")
+    assert "malformed JSON at line 1" in _fail(capsys, base_args + ["--ds_config", str(ds)])
+
+
+def test_ds_config_batch_size_must_agree_with_the_flags(capsys, base_args, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 3}}))
+    assert "train_batch_size 64 != micro 2 x accum 1 x world 1" in _fail(capsys, base_args + ["--ds_config", str(ds)])
+
+
+def test_single_engine_under_a_multi_process_launcher(capsys, base_args, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "--engine single runs one process" in _fail(capsys, base_args + ["--engine", "single"])
+    assert not (Path(base_args[-1]) / "metrics.jsonl").exists()
