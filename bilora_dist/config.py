@@ -49,6 +49,12 @@ class TrainConfig:
     seq_len: int = _opt(256, "truncate sequences to this many tokens")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward")
     bf16: bool = _opt(False, "frozen base in bfloat16 (adapters, their optimizer and norms stay fp32)")
+    squeeze: str = _opt("", "rank compression: post:R->K, cont:R->K@STEP or in:R->K/STAGES (R = --rank)")
+    squeeze_min_stage: int = _opt(20, "fewest optimizer steps a squeeze stage may last")
+    squeeze_ranks: str = _opt("geometric", "ranks of the in-training stages", choices=("geometric", "linear"))
+    squeeze_optimizer: str = _opt("reset", "AdamW moments across a compression: reset, or project into the new basis",
+                                  choices=("reset", "project"))
+    squeeze_aux: bool = _opt(False, "Bi-LoRA: squeeze the auxiliary too (default: it keeps its rank)")
     engine: str = _opt("auto", "what shards the frozen base", choices=ENGINES)
     ds_config: str = _opt("", "DeepSpeed JSON config (deepspeed engine)")
     replica_check_every: int = _opt(50, "every N steps, verify all ranks hold bit-identical adapters (0: never)")
@@ -71,7 +77,7 @@ class TrainConfig:
 
 
 _POSITIVE_INT = ("rank", "micro_batch_size", "grad_accum", "seq_len", "eval_batch_size", "log_every")
-_NON_NEGATIVE = ("weight_decay", "max_grad_norm", "max_steps", "eval_every", "epochs", "replica_check_every",
+_NON_NEGATIVE = ("squeeze_min_stage", "weight_decay", "max_grad_norm", "max_steps", "eval_every", "epochs", "replica_check_every",
                  "plan_ranks")
 
 

@@ -18,20 +18,20 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
-from bilora_dist.adapters.inject import check_rank
-from bilora_dist.adapters.inject import peft_target_modules
+from bilora_dist.adapters.bank import AdapterBank
+from bilora_dist.adapters.inject import check_rank, peft_target_modules
 from bilora_dist.config import TrainConfig
 from bilora_dist.data import BatchPlan, collate, load_records, to_device, tokenize_all
 from bilora_dist.embedded import DEFAULT_EVAL, DEFAULT_TRAIN
-from bilora_dist.adapters.bank import AdapterBank
 from bilora_dist.engines import Engine, make_engine, resolve_engine_name
 from bilora_dist.errors import UserError
 from bilora_dist.evaluation import choice_task, evaluate
 from bilora_dist.export import save_peft_adapter
 from bilora_dist.methods import METHOD_STEPS, build_optimizer
-from bilora_dist.metrics import MetricsLog
 from bilora_dist.memory_plan import DEFAULT_PERSISTENCE_THRESHOLD, format_plan, plan_memory
+from bilora_dist.metrics import MetricsLog
 from bilora_dist.modeling import build_on_meta, load_config, load_tokenizer, resolve_model
+from bilora_dist.squeeze.schedule import apply_rank_change, parse_squeeze
 
 _SCHEDULER_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
@@ -110,6 +110,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     names = select_targets(model, cfg.target_modules)
     bank = build_bank(layer_shapes(model, names), cfg.rank, cfg.alpha,
                       cfg.aux_rank if cfg.method == "bilora" else None, cfg.aux_scale, cfg.seed).to(engine.device)
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * engine.world_size
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_set) / global_batch)
+    schedule = parse_squeeze(cfg.squeeze, total_steps, cfg.rank, cfg.squeeze_min_stage, cfg.squeeze_ranks) \
+        if cfg.squeeze else None
+    squeeze_at = dict(schedule.events) if schedule else {}
+    squeeze_history: list[dict[str, Any]] = []
     out = Path(cfg.output_dir)
     if (out / "metrics.jsonl").exists():
         raise UserError(f"--output-dir {out} already holds a run (metrics.jsonl); choose another directory")
@@ -124,8 +130,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model = engine.wrap(model)
     model.train()
 
-    global_batch = cfg.micro_batch_size * cfg.grad_accum * engine.world_size
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_set) / global_batch)
     optimizer = build_optimizer(bank, cfg.lr, cfg.weight_decay)
     scheduler = get_scheduler(_SCHEDULER_NAMES[cfg.scheduler], optimizer,
                               num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
@@ -157,9 +161,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         seen = sum(int(b["attention_mask"].sum()) for b in batches) * engine.world_size
         last = step + 1 == total_steps
         row: dict[str, Any] = {}
+        if step + 1 in squeeze_at:
+            reports = apply_rank_change(bank, squeeze_at[step + 1], optimizer, engine, cfg.squeeze_optimizer,
+                                        cfg.squeeze_aux)
+            step_fn.rebind()
+            kept = [r.kept_energy for r in reports]
+            event = {"step": step + 1, "mode": schedule.mode, "rank": squeeze_at[step + 1],
+                     "kept_energy_mean": sum(kept) / len(kept), "kept_energy_min": min(kept)}
+            squeeze_history.append(event)
+            row.update(squeeze_rank=event["rank"], kept_energy=event["kept_energy_mean"],
+                       kept_energy_min=event["kept_energy_min"])
         if (step + 1) % cfg.log_every == 0 or last:
-            row = {"loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm, "rank": max(bank.primary.ranks),
-                   "tokens_per_s": seen / (time.perf_counter() - t0), "elapsed_s": time.perf_counter() - start}
+            row.update(loss=stats.loss, lr=lr, grad_norm=stats.grad_norm, rank=max(bank.primary.ranks),
+                       tokens_per_s=seen / (time.perf_counter() - t0), elapsed_s=time.perf_counter() - start)
             if stats.aux_norm is not None:
                 row["aux_norm"] = stats.aux_norm
         if cfg.replica_check_every and ((step + 1) % cfg.replica_check_every == 0 or last):
@@ -177,7 +191,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if engine.is_main:
         provenance = {"method": cfg.method, "rho": cfg.rho, "rank": cfg.rank, "alpha": cfg.alpha,
                       "aux_rank": cfg.aux_rank if cfg.method == "bilora" else None, "steps": total_steps,
-                      "engine": engine.name, "world_size": engine.world_size, "squeeze_history": []}
+                      "engine": engine.name, "world_size": engine.world_size, "squeeze": cfg.squeeze or None,
+                      "squeeze_history": squeeze_history}
         save_peft_adapter(bank.primary, out / "adapter", peft_target_modules(cfg.target_modules, names),
                           model_path, provenance)
         _say(engine, f"adapter written to {out / 'adapter'}")

@@ -63,16 +63,17 @@ def module_data(tmp_path_factory, train_records) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir, module_data):
     """Launch each (engine, method) run once, on demand; returns its output directory."""
-    cache: dict[tuple[str, str], Path] = {}
+    cache: dict[tuple[str, str, tuple[str, ...]], Path] = {}
 
-    def get(kind: str, method: str) -> Path:
-        if (kind, method) not in cache:
+    def get(kind: str, method: str, *extra: str) -> Path:
+        if (kind, method, extra) not in cache:
             out = tmp_path_factory.mktemp(f"{kind}_{method}") / "run"
             cmd = launcher(kind) + train_args(tiny_model_dir, module_data, out, method, 2 if kind == "single" else 1)
-            proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600)
+            proc = subprocess.run(cmd + list(extra), cwd=ROOT, env=run_env(), capture_output=True, text=True,
+                                  timeout=600)
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-            cache[kind, method] = out
-        return cache[kind, method]
+            cache[kind, method, extra] = out
+        return cache[kind, method, extra]
 
     return get
 
@@ -179,3 +180,20 @@ def test_dry_run_plans_llama2_7b_on_eight_ranks_without_allocating():
     assert plan["ranks"][0]["adapter_bytes"] == 32 * per_block * 4
     block_bytes = (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096) * 2
     assert plan["ranks"][0]["gathered_block_bytes"] == block_bytes
+
+
+ANNEAL = ("--rank", "8", "--squeeze", "in:8->2/2", "--squeeze-min-stage", "2")
+
+
+@pytest.mark.parametrize("kind", ["zero3", "fsdp"])
+def test_in_training_annealing_matches_one_process(runs, kind):
+    out, ref = runs(kind, "bilora", *ANNEAL), runs("single", "bilora", *ANNEAL)
+    assert_same_training(out, ref)
+    ranks = [r["rank"] for r in step_rows(out)]
+    assert ranks == [r["rank"] for r in step_rows(ref)] == [8, 4, 4, 2, 2, 2]
+    events = [r for r in step_rows(out) if "squeeze_rank" in r]
+    assert [(r["step"], r["squeeze_rank"]) for r in events] == [(2, 4), (4, 2)]
+    # after each compression (and every other step) both ranks hold bit-identical adapters
+    assert all(len(set(r["adapter_sha256"])) == 1 for r in events)
+    provenance = json.loads((out / "adapter" / "bilora_dist.json").read_text())
+    assert [e["rank"] for e in provenance["squeeze_history"]] == [4, 2]

@@ -1,0 +1,84 @@
+"""Squeezing a whole adapter branch, its layers split across data-parallel ranks.
+
+Every rank holds the whole branch, so every rank could compress every layer; instead each rank takes
+the layers assigned to it (balanced by the (m + n)·r² cost of the factored SVD), and two sum
+all-reduces share the results: first the singular values (so all ranks pick the same per-layer
+ranks), then the new factors, each written by its owner into an otherwise zero tensor. A sum of one
+value and zeros is exact, so all ranks end bit-identical, and equal to a one-rank squeeze.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+
+from bilora_dist.adapters.bank import Branch
+from bilora_dist.engines.base import Engine
+from bilora_dist.errors import UserError
+from bilora_dist.squeeze.operator import balanced_factors, energy_rank, factored_svd
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    old_rank: int
+    new_rank: int
+    kept_energy: float
+
+
+def assign_layers(branch: Branch, world: int) -> list[int]:
+    """Owner rank of every layer: longest-processing-time greedy on the cost (m + n)·r²."""
+    cost = [(s.in_features + s.out_features) * r * r for s, r in zip(branch.shapes, branch.ranks)]
+    owner = [0] * len(cost)
+    loads = [(0, rank) for rank in range(world)]
+    for i in sorted(range(len(cost)), key=lambda i: (-cost[i], i)):
+        load, rank = heapq.heappop(loads)
+        owner[i] = rank
+        heapq.heappush(loads, (load + cost[i], rank))
+    return owner
+
+
+def squeeze_branch(branch: Branch, rank: int, energy: float | None = None,
+                   engine: Engine | None = None) -> tuple[Branch, list[LayerReport]]:
+    """A new branch with every layer's s·BA truncated to `rank` (or, with `energy`, to the smallest rank
+    keeping that fraction of ||ΔW||², at most `rank`). The scale s of each layer is kept (alpha' = alpha·k/r)."""
+    engine = engine or Engine()
+    if rank < 1 or rank > max(branch.ranks):
+        raise UserError(f"squeeze: target rank {rank} must be between 1 and the current rank {max(branch.ranks)}")
+    owner = assign_layers(branch, engine.world_size)
+    width = max(branch.ranks)
+    spectra: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    singular = torch.zeros(len(branch.shapes), width, dtype=torch.float32, device=branch.flat.device)
+    with torch.no_grad():
+        for group in branch.groups():
+            mine = [j for j, layer in enumerate(group.layers) if owner[layer] == engine.rank]
+            if not mine:
+                continue
+            found = factored_svd(group.A[mine], group.B[mine], group.scales[mine])
+            for row, j in enumerate(mine):
+                layer = group.layers[j]
+                spectra[layer] = (found.U[row], found.S[row], found.V[row])
+                singular[layer, :found.S.shape[1]] = found.S[row].float()
+        engine.all_reduce_sum_(singular)
+        caps = [min(rank, r) for r in branch.ranks]
+        if energy is None:
+            new_ranks = caps
+        else:
+            new_ranks = [min(k, cap) for k, cap in zip(energy_rank(singular, energy, width), caps)]
+        new = Branch(branch.shapes, new_ranks, branch.scales,
+                     torch.zeros(sum(k * (s.in_features + s.out_features) for s, k in zip(branch.shapes, new_ranks)),
+                                 dtype=branch.flat.dtype, device=branch.flat.device))
+        for layer, (U, S, V) in spectra.items():
+            k = new_ranks[layer]
+            A, B = balanced_factors(U[:, :k], S[:k], V[:, :k], branch.scales[layer])
+            dst_A, dst_B = new.factors(layer)
+            dst_A.copy_(A)
+            dst_B.copy_(B)
+        engine.all_reduce_sum_(new.flat.data)
+    total = singular.square().sum(1)
+    kept = [singular[i, :k].square().sum() / total[i] if total[i] > 0 else torch.tensor(1.0)
+            for i, k in enumerate(new_ranks)]
+    reports = [LayerReport(s.name, r, k, float(e)) for s, r, k, e in zip(branch.shapes, branch.ranks, new_ranks, kept)]
+    return new, reports

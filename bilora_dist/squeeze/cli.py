@@ -1,0 +1,73 @@
+"""`python launch/squeeze.py`: compress a PEFT LoRA adapter, or extract one from a full fine-tune."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+from bilora_dist.errors import UserError
+from bilora_dist.export import PROVENANCE_FILE, save_peft_adapter
+from bilora_dist.squeeze.branch import squeeze_branch
+from bilora_dist.squeeze.peft_io import extract_lora_from_delta, read_peft_adapter
+
+DELTA_TARGETS = r"\.layers\.\d+\..*(proj|fc\d?|dense|query|key|value)$"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise UserError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="launch/squeeze.py", description=__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--adapter", type=Path, help="PEFT LoRA adapter directory to compress")
+    src.add_argument("--delta", nargs=2, type=Path, metavar=("BASE", "FINETUNED"),
+                     help="model directories: extract a LoRA of W_ft - W0 by randomized SVD")
+    p.add_argument("--rank", type=int, required=True, help="target rank (the cap, with --energy)")
+    p.add_argument("--out", type=Path, required=True, help="new adapter directory (must not exist)")
+    p.add_argument("--energy", type=float, help="per-layer rank: smallest keeping this fraction of ||dW||^2")
+    p.add_argument("--target-modules", default=DELTA_TARGETS, help="--delta: regex on module names")
+    p.add_argument("--oversample", type=int, default=10, help="--delta: RSVD oversampling p")
+    p.add_argument("--power-iters", type=int, default=2, help="--delta: RSVD power iterations q")
+    return p
+
+
+def squeeze_main(argv: list[str]) -> None:
+    args = _parser().parse_args(argv)
+    if args.rank < 1:
+        raise UserError(f"--rank must be >= 1, got {args.rank}")
+    if args.energy is not None and not 0 < args.energy <= 1:
+        raise UserError(f"--energy must be in (0, 1], got {args.energy}")
+    if args.out.exists():
+        raise UserError(f"--out {args.out} already exists; choose a new directory")
+    start = time.perf_counter()
+    if args.adapter is not None:
+        branch, config = read_peft_adapter(args.adapter)
+        new, reports = squeeze_branch(branch, min(args.rank, max(branch.ranks)), args.energy)
+        targets, base_model = config.get("target_modules"), config.get("base_model_name_or_path", "")
+        source = {"adapter": str(args.adapter), "ranks": sorted(set(branch.ranks))}
+        old = {}
+        if (args.adapter / PROVENANCE_FILE).is_file():
+            old = json.loads((args.adapter / PROVENANCE_FILE).read_text())
+    else:
+        new = extract_lora_from_delta(args.delta[0], args.delta[1], args.rank, re.compile(args.target_modules),
+                                      args.oversample, args.power_iters)
+        reports, old = [], {}
+        targets = sorted({s.name.rsplit(".", 1)[-1] for s in new.shapes})
+        base_model, source = str(args.delta[0]), {"delta": [str(p) for p in args.delta]}
+    history = old.get("squeeze_history", []) + [{"mode": "posthoc", "rank": args.rank, "energy": args.energy,
+                                                 "source": source}]
+    provenance = {**old, "squeeze_history": history,
+                  "layers": [r.__dict__ for r in reports] if reports else None}
+    save_peft_adapter(new, args.out, targets, base_model, provenance)
+    if reports:
+        kept = [r.kept_energy for r in reports]
+        print(f"squeezed {len(reports)} layers to ranks {min(new.ranks)}-{max(new.ranks)}; kept energy "
+              f"min {min(kept):.4f}, mean {sum(kept) / len(kept):.4f}; {time.perf_counter() - start:.2f} s")
+    else:
+        print(f"extracted a rank-{args.rank} LoRA of {len(new.shapes)} layers; {time.perf_counter() - start:.2f} s")
+    print(f"adapter written to {args.out}")

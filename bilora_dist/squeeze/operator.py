@@ -1,0 +1,77 @@
+"""The LoRA-Squeeze compression operator (specs/squeeze.md): truncated SVD of ΔW = s·B A.
+
+Everything works on batches of equal-shape layers: A is (L, r, n), B is (L, m, r), s is (L,).
+The factored path never forms an m x n matrix: QR of B and of Aᵀ, then the SVD of an r x r core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """A batch of truncated SVDs: ΔW_l ≈ U_l diag(S_l) V_lᵀ. U (L, m, k), S (L, k), V (L, n, k)."""
+
+    U: Tensor
+    S: Tensor
+    V: Tensor
+
+
+def factored_svd(A: Tensor, B: Tensor, scales: Tensor) -> Spectrum:
+    """Exact SVD of s·B A for each layer, computed in fp32 (or the inputs' float64) from the factors.
+
+    Q_B R_B = B, Q_A R_A = Aᵀ, C = s R_B R_Aᵀ = U_c Σ V_cᵀ, so s B A = (Q_B U_c) Σ (Q_A V_c)ᵀ.
+    Cost O((m + n) r² + r³) per layer; rank-deficient factors give zero singular values.
+    """
+    dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+    A, B, scales = A.to(dtype), B.to(dtype), scales.to(dtype)
+    Q_B, R_B = torch.linalg.qr(B)
+    Q_A, R_A = torch.linalg.qr(A.transpose(1, 2))
+    core = scales[:, None, None] * (R_B @ R_A.transpose(1, 2))
+    U_c, S, V_cT = torch.linalg.svd(core)
+    return Spectrum(Q_B @ U_c, S, Q_A @ V_cT.transpose(1, 2))
+
+
+def randomized_svd(M: Tensor, k: int, oversample: int = 10, power_iters: int = 2,
+                   generator: torch.Generator | None = None) -> Spectrum:
+    """Halko-Martinsson-Tropp randomized SVD of dense matrices M (L, m, n), rank k, in fp32 (or float64).
+
+    Range finder with k + oversample Gaussian probes and `power_iters` QR-stabilised power iterations.
+    """
+    dtype = torch.float64 if M.dtype == torch.float64 else torch.float32
+    M = M.to(dtype)
+    L, m, n = M.shape
+    width = min(k + oversample, m, n)
+    omega = torch.randn(L, n, width, generator=generator, dtype=dtype)
+    Q, _ = torch.linalg.qr(M @ omega)
+    for _ in range(power_iters):
+        Z, _ = torch.linalg.qr(M.transpose(1, 2) @ Q)
+        Q, _ = torch.linalg.qr(M @ Z)
+    U_small, S, VT = torch.linalg.svd(Q.transpose(1, 2) @ M, full_matrices=False)
+    return Spectrum((Q @ U_small)[..., :k], S[..., :k], VT.transpose(1, 2)[..., :k])
+
+
+def energy_rank(S: Tensor, tau: float, max_rank: int) -> list[int]:
+    """Per layer, the smallest k (1 <= k <= max_rank) with Σ_{i<k} σ_i² / Σ σ_i² >= tau."""
+    energy = S.square()
+    cumulative = energy.cumsum(-1) / energy.sum(-1, keepdim=True).clamp_min(torch.finfo(S.dtype).tiny)
+    reached = (cumulative >= tau - 1e-12).to(torch.int64)
+    first = torch.where(reached.any(-1), reached.argmax(-1) + 1, torch.full_like(reached[:, 0], S.shape[-1]))
+    return [int(min(max(k, 1), max_rank)) for k in first]
+
+
+def kept_energy(S: Tensor, k: int) -> float:
+    """Fraction of ||ΔW||_F² in the first k singular values of one layer's spectrum S."""
+    total = float(S.square().sum())
+    return 1.0 if total == 0 else float(S[:k].square().sum()) / total
+
+
+def balanced_factors(U: Tensor, S: Tensor, V: Tensor, new_scale: float) -> tuple[Tensor, Tensor]:
+    """New (A', B') of one layer with s'·B'A' = U diag(S) Vᵀ, the singular values split evenly:
+    d = sqrt(S / s'), B' = U diag(d), A' = diag(d) Vᵀ."""
+    d = (S / new_scale).sqrt()
+    return d[:, None] * V.T, U * d[None, :]

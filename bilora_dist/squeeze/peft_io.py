@@ -1,0 +1,93 @@
+"""Reading any PEFT LoRA adapter directory into a Branch, and extracting a LoRA from a full fine-tune."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from bilora_dist.adapters.bank import Branch, LayerShape
+from bilora_dist.errors import UserError
+from bilora_dist.squeeze.operator import balanced_factors, randomized_svd
+
+_KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """PEFT's rule: a pattern key applies when `(.*\\.)?(key)$` matches the module name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def read_peft_adapter(path: Path, flag: str = "--adapter") -> tuple[Branch, dict[str, Any]]:
+    """(branch of the adapter's factors, its adapter_config.json). Scales follow r, lora_alpha,
+    rank_pattern, alpha_pattern and use_rslora, as PEFT applies them."""
+    path = Path(path)
+    cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not cfg_file.is_file() or not weights.is_file():
+        raise UserError(f"{flag} {path}: not a PEFT adapter directory (needs adapter_config.json and "
+                        "adapter_model.safetensors)")
+    config = json.loads(cfg_file.read_text())
+    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
+        raise UserError(f"{flag} {path}: only plain LoRA adapters can be squeezed (peft_type "
+                        f"{config.get('peft_type')}, use_dora {config.get('use_dora', False)})")
+    tensors = load_file(str(weights))
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        match = _KEY.match(key)
+        if match:
+            factors.setdefault(match["name"], {})[match["which"]] = value
+    if not factors or any(len(f) != 2 for f in factors.values()):
+        raise UserError(f"{flag} {path}: no complete lora_A/lora_B weight pairs in adapter_model.safetensors")
+    names = sorted(factors)
+    shapes, pairs, scales = [], [], []
+    for name in names:
+        A, B = factors[name]["A"].float(), factors[name]["B"].float()
+        r = A.shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", r))
+        shapes.append(LayerShape(name, A.shape[1], B.shape[0]))
+        pairs.append((A, B))
+        scales.append(alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
+    return Branch.from_factors(shapes, pairs, scales), config
+
+
+def extract_lora_from_delta(base: Path, finetuned: Path, rank: int, target: re.Pattern[str],
+                            oversample: int = 10, power_iters: int = 2, seed: int = 0) -> Branch:
+    """A rank-`rank` LoRA (scale 1) of W_ft − W0 for every 2-D weight whose module name matches `target`,
+    by randomized SVD one layer at a time: only one tensor of each model is in memory at once."""
+    def index(model_dir: Path) -> dict[str, Path]:
+        files = sorted(Path(model_dir).glob("*.safetensors"))
+        if not files:
+            raise UserError(f"--delta: {model_dir} holds no .safetensors weights")
+        out = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                out.update({k: file for k in f.keys()})
+        return out
+
+    base_index, ft_index = index(base), index(finetuned)
+    generator = torch.Generator().manual_seed(seed)
+    shapes, pairs = [], []
+    for key in sorted(ft_index):
+        name = key.removesuffix(".weight")
+        if not key.endswith(".weight") or not target.search(name) or key not in base_index:
+            continue
+        with safe_open(str(ft_index[key]), framework="pt") as f_ft, safe_open(str(base_index[key]), framework="pt") as f0:
+            delta = f_ft.get_tensor(key).float() - f0.get_tensor(key).float()
+        if delta.dim() != 2:
+            continue
+        k = min(rank, *delta.shape)
+        found = randomized_svd(delta[None], k, oversample, power_iters, generator)
+        shapes.append(LayerShape(name, delta.shape[1], delta.shape[0]))
+        pairs.append(balanced_factors(found.U[0], found.S[0], found.V[0], 1.0))
+    if not shapes:
+        raise UserError(f"--delta: no 2-D weights matching '{target.pattern}' appear in both models")
+    return Branch.from_factors(shapes, pairs, [1.0] * len(shapes))

@@ -1,0 +1,9 @@
+"""Compress a LoRA adapter to a lower rank: python launch/squeeze.py --adapter DIR --rank K --out DIR."""
+
+import sys
+
+from bilora_dist.cli import run_cli
+from bilora_dist.squeeze.cli import squeeze_main
+
+if __name__ == "__main__":
+    sys.exit(run_cli(squeeze_main))

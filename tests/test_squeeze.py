@@ -1,0 +1,260 @@
+"""The compression operator against dense SVDs, and the post-hoc tool against PEFT."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from bilora_dist.adapters.bank import Branch, LayerShape
+from bilora_dist.squeeze import assign_layers, energy_rank, factored_svd, randomized_svd, squeeze_branch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def decaying_factors(m: int, n: int, r: int, gen: torch.Generator, deficient: int = 0,
+                     dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (r x n), B (m x r) whose product has singular values ~ 0.6^i; `deficient` zeroes that many directions."""
+    Qb, _ = torch.linalg.qr(torch.randn(m, r, generator=gen, dtype=dtype))
+    Qa, _ = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=dtype))
+    s = 0.6 ** torch.arange(r, dtype=dtype)
+    if deficient:
+        s[r - deficient:] = 0
+    mix = torch.linalg.qr(torch.randn(r, r, generator=gen, dtype=dtype))[0]
+    return (mix @ (s[:, None] * Qa.T)), (Qb @ mix.T) * 3.0
+
+
+def dense(A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    return s * B @ A
+
+
+def truncated(M: torch.Tensor, k: int) -> torch.Tensor:
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return U[:, :k] @ torch.diag(S[:k]) @ Vh[:k]
+
+
+@pytest.mark.parametrize("deficient", [0, 5])
+def test_factored_path_equals_dense_truncated_svd(deficient):
+    gen = torch.Generator().manual_seed(0)
+    layers = [decaying_factors(48, 40, 12, gen, deficient) for _ in range(3)]
+    A = torch.stack([a for a, _ in layers])
+    B = torch.stack([b for _, b in layers])
+    scales = torch.tensor([0.5, 2.0, 1.25], dtype=torch.float64)
+    found = factored_svd(A, B, scales)
+    for layer in range(3):
+        M = dense(A[layer], B[layer], float(scales[layer]))
+        torch.testing.assert_close(found.S[layer], torch.linalg.svdvals(M)[:12], rtol=0, atol=1e-10 * float(M.norm()))
+        for k in (1, 4, 7):
+            approx = found.U[layer, :, :k] @ torch.diag(found.S[layer, :k]) @ found.V[layer, :, :k].T
+            assert float((approx - truncated(M, k)).norm() / truncated(M, k).norm()) < 1e-6
+
+
+def test_squeeze_branch_reproduces_truncated_dense_delta_and_keeps_scale():
+    gen = torch.Generator().manual_seed(1)
+    shapes = [LayerShape(f"l{i}", 40, 48 if i % 2 else 32) for i in range(4)]
+    pairs = [decaying_factors(s.out_features, s.in_features, 10, gen, deficient=3 * (i == 2), dtype=torch.float32)
+             for i, s in enumerate(shapes)]
+    branch = Branch.from_factors(shapes, pairs, [2.0, 2.0, 0.5, 2.0])
+    new, reports = squeeze_branch(branch, 4)
+    assert new.ranks == [4] * 4 and new.scales == branch.scales
+    for i in range(4):
+        M = dense(*[t.double() for t in pairs[i]], branch.scales[i])
+        A, B = new.factors(i)
+        got = dense(A.double(), B.double(), new.scales[i])
+        assert float((got - truncated(M, 4)).norm() / M.norm()) < 1e-6
+        S = torch.linalg.svdvals(M)
+        assert reports[i].kept_energy == pytest.approx(float(S[:4].square().sum() / S.square().sum()), rel=1e-6)
+        # balanced split: B' and A' carry the same singular values
+        torch.testing.assert_close(B.norm(dim=0), A.norm(dim=1), rtol=1e-5, atol=1e-6)
+
+
+def test_squeeze_to_the_same_rank_is_the_identity_on_each_layer():
+    gen = torch.Generator().manual_seed(2)
+    shapes = [LayerShape("a", 24, 16), LayerShape("b", 24, 16), LayerShape("c", 16, 40)]
+    pairs = [(torch.randn(6, s.in_features, generator=gen), torch.randn(s.out_features, 6, generator=gen))
+             for s in shapes]
+    branch = Branch.from_factors(shapes, pairs, [16 / 6] * 3)
+    new, _ = squeeze_branch(branch, 6)
+    x = torch.randn(5, 24, generator=gen)
+    for i, s in enumerate(shapes):
+        x = torch.randn(5, s.in_features, generator=gen)
+        A, B = branch.factors(i)
+        A2, B2 = new.factors(i)
+        torch.testing.assert_close(new.scales[i] * (x @ A2.T) @ B2.T, branch.scales[i] * (x @ A.T) @ B.T,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_energy_threshold_picks_the_smallest_sufficient_rank():
+    S = torch.tensor([[3.0, 2.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    # energies 9, 4, 1 of 14: 9/14 = .643, 13/14 = .929; uniform: .25 per value
+    assert energy_rank(S, 0.9, 4) == [2, 4]
+    assert energy_rank(S, 0.6, 4) == [1, 3]
+    assert energy_rank(S, 0.6, 2) == [1, 2]
+
+
+def test_randomized_svd_is_near_optimal_on_a_decaying_spectrum():
+    gen = torch.Generator().manual_seed(3)
+    m, n, k = 300, 200, 16
+    U, _ = torch.linalg.qr(torch.randn(m, n, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    S = 0.85 ** torch.arange(n, dtype=torch.float64)
+    M = (U * S) @ V.T
+    found = randomized_svd(M[None], k, oversample=10, power_iters=2, generator=gen)
+    err = float((M - found.U[0] @ torch.diag(found.S[0]) @ found.V[0].T).norm())
+    optimal = float(S[k:].square().sum().sqrt())
+    assert (err - optimal) / optimal < 1e-4
+
+
+def test_layer_assignment_balances_cost():
+    shapes = [LayerShape(str(i), 64 * (1 + i % 3), 64) for i in range(10)]
+    branch = Branch(shapes, [8] * 10, [1.0] * 10, torch.zeros(sum(8 * (s.in_features + 64) for s in shapes)))
+    owner = assign_layers(branch, 2)
+    cost = [sum((s.in_features + 64) for s, o in zip(shapes, owner) if o == rank) for rank in (0, 1)]
+    assert set(owner) == {0, 1} and abs(cost[0] - cost[1]) <= 192
+
+
+def test_cli_squeezed_adapter_loads_in_peft_with_the_truncated_delta(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    gen = torch.Generator().manual_seed(4)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n]
+    tensors, deltas, r, alpha = {}, {}, 8, 16.0
+    for name in names:
+        lin = model.get_submodule(name)
+        A = torch.randn(r, lin.in_features, generator=gen) * 0.3
+        B = torch.randn(lin.out_features, r, generator=gen) * torch.logspace(0, -3, r)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B
+        deltas[name] = (alpha / r) * B.double() @ A.double()
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file(tensors, str(src / "adapter_model.safetensors"))
+    (src / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "base_model_name_or_path": "",
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}))
+    out = tmp_path / "squeezed"
+    proc = subprocess.run([sys.executable, "launch/squeeze.py", "--adapter", str(src), "--rank", "3", "--out",
+                           str(out), "--energy", "0.999"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out))
+    ranks = set()
+    for name in names:
+        layer = peft_model.base_model.model.get_submodule(name)
+        ranks.add(layer.r["default"])
+        k = layer.r["default"]
+        want = truncated(deltas[name], k)
+        got = layer.get_delta_weight("default").double()
+        assert float((got - want).norm() / deltas[name].norm()) < 1e-5
+        S = torch.linalg.svdvals(deltas[name])
+        assert float(S[:k].square().sum() / S.square().sum()) >= 0.999 or k == 3
+    assert max(ranks) <= 3
+    # a second squeeze onto an existing directory is refused and leaves it intact
+    before = (out / "adapter_model.safetensors").read_bytes()
+    proc = subprocess.run([sys.executable, "launch/squeeze.py", "--adapter", str(src), "--rank", "2", "--out",
+                           str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --out") and len(proc.stderr.splitlines()) == 1
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_cli_extracts_a_lora_from_a_full_finetune(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from bilora_dist.squeeze.peft_io import read_peft_adapter
+
+    gen = torch.Generator().manual_seed(5)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "layers" in name:
+                p.add_(torch.randn(p.shape[0], 4, generator=gen) @ torch.randn(4, p.shape[1], generator=gen) * 0.01)
+    model.save_pretrained(tmp_path / "ft")
+    out = tmp_path / "extracted"
+    proc = subprocess.run([sys.executable, "launch/squeeze.py", "--delta", str(tiny_model_dir), str(tmp_path / "ft"),
+                           "--rank", "4", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    branch, _ = read_peft_adapter(out)
+    assert len(branch.shapes) == 14
+    ft = dict(model.named_parameters())
+    for i, shape in enumerate(branch.shapes):
+        A, B = branch.factors(i)
+        delta = ft[shape.name + ".weight"].detach() - base[shape.name + ".weight"]
+        torch.testing.assert_close(branch.scales[i] * B @ A, delta, rtol=0, atol=1e-5)  # a rank-4 delta: exact
+
+
+def test_two_rank_compression_gives_the_one_rank_factors_bit_for_bit(tmp_path):
+    import os
+    import socket
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    from tests_support import random_branch
+
+    proc = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", port, str(ROOT / "tests" / "squeeze_worker.py"),
+                           str(tmp_path)], cwd=ROOT / "tests", capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+                              [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, reports = squeeze_branch(random_branch(), 3, energy=0.95)
+    assert len(set(one.ranks)) > 1  # the energy threshold made ranks heterogeneous
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["ranks"] == one.ranks and got["kept"] == [r.kept_energy for r in reports]
+        assert torch.equal(got["flat"], one.flat.detach())
+
+
+def test_schedules_parse_into_compression_events():
+    from bilora_dist.squeeze.schedule import parse_squeeze
+
+    s = parse_squeeze("in:64->8/3", 400, 64, 100)
+    assert s.events == ((100, 32), (200, 16), (300, 8)) and s.rank_after(250) == 16
+    assert parse_squeeze("in:64->8/2", 300, 64, 20, "linear").events == ((100, 36), (200, 8))
+    assert parse_squeeze("cont:16->4@30", 100, 16, 20).events == ((30, 4),)
+    assert parse_squeeze("post:16->4", 100, 16, 20).events == ((100, 4),)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("in:64->8/3", "each must last at least --squeeze-min-stage 100"),
+    ("cont:64->8@350", "each must last at least"),
+    ("in:32->8/3", "starts at rank 32 but --rank is 64"),
+    ("post:64->64", "target rank must be between 1 and 63"),
+    ("in:64->8", "expected post:R->K"),
+    ("squash:64->8", "expected post:R->K"),
+])
+def test_bad_schedules_are_refused_with_one_line(spec, message):
+    from bilora_dist.errors import UserError
+    from bilora_dist.squeeze.schedule import parse_squeeze
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_squeeze(spec, 399, 64, 100)
+
+
+@pytest.mark.parametrize("optimizer_state", ["reset", "project"])
+def test_training_with_a_squeeze_exports_the_compressed_rank(tiny_model_dir, small_data, tmp_path, optimizer_state):
+    from peft import LoraConfig
+
+    from bilora_dist.config import parse_config
+    from bilora_dist.trainer import train
+
+    out = tmp_path / "run"
+    train(parse_config(["--model", str(tiny_model_dir), "--data", str(small_data[0]), "--eval-data",
+                        str(small_data[1]), "--max-steps", "4", "--micro-batch-size", "4", "--rank", "8",
+                        "--squeeze", "cont:8->3@2", "--squeeze-min-stage", "2", "--squeeze-optimizer",
+                        optimizer_state, "--output-dir", str(out)]))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rank"] for r in rows if "loss" in r] == [8, 3, 3, 3]
+    event = next(r for r in rows if "squeeze_rank" in r)
+    assert event["step"] == 2 and 0 < event["kept_energy_min"] <= event["kept_energy"] <= 1
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert LoraConfig.from_pretrained(str(out / "adapter")).r == 3
