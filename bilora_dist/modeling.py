@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -29,6 +31,18 @@ def load_tokenizer(path: str) -> Any:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def safetensors_index(path: Path, missing: str) -> dict[str, Path]:
+    """Tensor name -> the .safetensors file in directory `path` holding it; UserError(`missing`) if none."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise UserError(missing)
+    index = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            index.update({key: file for key in f.keys()})
+    return index
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:

@@ -18,18 +18,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from bilora_dist.engines.distributed import DataParallelEngine
 from bilora_dist.errors import UserError
-from bilora_dist.modeling import build_on_meta, shard_units
-
-
-def _checkpoint_tensors(path: Path) -> dict[str, Path]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"--model {path}: --engine fsdp needs a directory with .safetensors weights")
-    index = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            index.update({key: file for key in f.keys()})
-    return index
+from bilora_dist.modeling import build_on_meta, safetensors_index, shard_units
 
 
 class FSDPEngine(DataParallelEngine):
@@ -55,7 +44,7 @@ class FSDPEngine(DataParallelEngine):
 
     def _load_local_shards(self, model: nn.Module, path: Path) -> None:
         """Read each checkpoint tensor (one at a time, memory-mapped) and keep this rank's shard of it."""
-        index = _checkpoint_tensors(path)
+        index = safetensors_index(path, f"--model {path}: --engine fsdp needs a directory with .safetensors weights")
         tied = model.get_output_embeddings() is not None and \
             model.get_output_embeddings().weight is model.get_input_embeddings().weight
         handles = {file: safe_open(str(file), framework="pt") for file in set(index.values())}

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from bilora_dist.adapters.bank import Branch, LayerShape
 from bilora_dist.errors import UserError
+from bilora_dist.modeling import safetensors_index
 from bilora_dist.squeeze.operator import balanced_factors, randomized_svd
 
 _KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
@@ -63,17 +64,7 @@ def extract_lora_from_delta(base: Path, finetuned: Path, rank: int, target: re.P
                             oversample: int = 10, power_iters: int = 2, seed: int = 0) -> Branch:
     """A rank-`rank` LoRA (scale 1) of W_ft − W0 for every 2-D weight whose module name matches `target`,
     by randomized SVD one layer at a time: only one tensor of each model is in memory at once."""
-    def index(model_dir: Path) -> dict[str, Path]:
-        files = sorted(Path(model_dir).glob("*.safetensors"))
-        if not files:
-            raise UserError(f"--delta: {model_dir} holds no .safetensors weights")
-        out = {}
-        for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                out.update({k: file for k in f.keys()})
-        return out
-
-    base_index, ft_index = index(base), index(finetuned)
+    base_index, ft_index = (safetensors_index(d, f"--delta: {d} holds no .safetensors weights") for d in (base, finetuned))
     generator = torch.Generator().manual_seed(seed)
     shapes, pairs = [], []
     for key in sorted(ft_index):
