@@ -56,7 +56,8 @@ def squeeze_branch(branch: Branch, rank: int, energy: float | None = None,
             mine = [j for j, layer in enumerate(group.layers) if owner[layer] == engine.rank]
             if not mine:
                 continue
-            found = factored_svd(group.A[mine], group.B[mine], group.scales[mine])
+            pick = slice(None) if len(mine) == len(group.layers) else mine
+            found = factored_svd(group.A[pick], group.B[pick], group.scales[pick], k=rank)
             for row, j in enumerate(mine):
                 layer = group.layers[j]
                 spectra[layer] = (found.U[row], found.S[row], found.V[row])

@@ -21,19 +21,32 @@ class Spectrum:
     V: Tensor
 
 
-def factored_svd(A: Tensor, B: Tensor, scales: Tensor) -> Spectrum:
+def factored_svd(A: Tensor, B: Tensor, scales: Tensor, k: int | None = None) -> Spectrum:
     """Exact SVD of s·B A for each layer, computed in fp32 (or the inputs' float64) from the factors.
 
     Q_B R_B = B, Q_A R_A = Aᵀ, C = s R_B R_Aᵀ = U_c Σ V_cᵀ, so s B A = (Q_B U_c) Σ (Q_A V_c)ᵀ.
-    Cost O((m + n) r² + r³) per layer; rank-deficient factors give zero singular values.
+    Q_B and Q_A stay in Householder form (geqrf) and are applied only to the first `k` singular
+    vectors (ormqr), so the cost is O((m + n) r² + (m + n) r k + r³) per layer.
+    All singular values are returned; U and V hold the first k (default: all) vectors.
+    Rank-deficient factors give zero singular values.
     """
     dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
     A, B, scales = A.to(dtype), B.to(dtype), scales.to(dtype)
-    Q_B, R_B = torch.linalg.qr(B)
-    Q_A, R_A = torch.linalg.qr(A.transpose(1, 2))
-    core = scales[:, None, None] * (R_B @ R_A.transpose(1, 2))
-    U_c, S, V_cT = torch.linalg.svd(core)
-    return Spectrum(Q_B @ U_c, S, Q_A @ V_cT.transpose(1, 2))
+    B_householder, B_tau = torch.geqrf(B)
+    A_householder, A_tau = torch.geqrf(A.transpose(1, 2))
+    R_B = B_householder[:, :B_tau.shape[1]].triu()
+    R_A = A_householder[:, :A_tau.shape[1]].triu()
+    U_c, S, V_cT = torch.linalg.svd(scales[:, None, None] * (R_B @ R_A.transpose(1, 2)))
+    k = S.shape[1] if k is None else min(k, S.shape[1])
+    return Spectrum(_apply_q(B_householder, B_tau, U_c[..., :k]), S,
+                    _apply_q(A_householder, A_tau, V_cT.transpose(1, 2)[..., :k]))
+
+
+def _apply_q(householder: Tensor, tau: Tensor, X: Tensor) -> Tensor:
+    """Q X for the orthonormal Q (L, m, p) stored by geqrf and X (L, p, k): zero-pad X to m rows, apply."""
+    padded = X.new_zeros(X.shape[0], householder.shape[1], X.shape[2])
+    padded[:, :X.shape[1]] = X
+    return torch.ormqr(householder, tau, padded)
 
 
 def randomized_svd(M: Tensor, k: int, oversample: int = 10, power_iters: int = 2,
