@@ -1,5 +1,6 @@
 """Quality of LoRA-Squeeze on the embedded task: direct training at rank K vs post / cont / in-training
-annealing from 4K to K, the same step budget, several seeds; and AdamW moments reset vs projected.
+annealing from 4K to K, the same step budget, several seeds; and AdamW moments reset vs projected
+across the three compressions of in-training annealing.
 
     python benchmarks/squeeze_quality.py [--seeds 0 1 2] [--source 16] [--target 4]
 
@@ -29,8 +30,6 @@ def configs(source: int, target: int, steps: int) -> dict[str, list[str]]:
         f"direct r{target}": ["--rank", str(target), "--alpha", str(2 * target)],
         f"post {source}->{target}": squeeze + ["--squeeze", f"post:{source}->{target}"],
         f"cont {source}->{target} reset": squeeze + ["--squeeze", f"cont:{source}->{target}@{steps // 2}"],
-        f"cont {source}->{target} project": squeeze + ["--squeeze", f"cont:{source}->{target}@{steps // 2}",
-                                                       "--squeeze-optimizer", "project"],
         f"in {source}->{target}/3 reset": squeeze + ["--squeeze", f"in:{source}->{target}/3"],
         f"in {source}->{target}/3 project": squeeze + ["--squeeze", f"in:{source}->{target}/3",
                                                        "--squeeze-optimizer", "project"],

@@ -63,7 +63,10 @@ class TrainConfig:
     eval_every: int = _opt(0, "evaluate every N steps (0: only before and after training)")
     eval_batch_size: int = _opt(16, "sequences per evaluation batch per rank")
     log_every: int = _opt(1, "write a metrics row every N steps")
-    output_dir: str = _opt("outputs/run", "where config, metrics and the adapter go")
+    output_dir: str = _opt("outputs/run", "where config, metrics, checkpoints and the adapter go")
+    save_every: int = _opt(0, "write a resumable checkpoint every N steps (always at the end; 0: only then)")
+    keep_last: int = _opt(2, "checkpoints kept in OUTPUT_DIR/checkpoints, newest first (0: all)")
+    resume: str = _opt("", "auto (newest valid checkpoint in --output-dir, if any) or a checkpoint directory")
     seed: int = _opt(0, "seed of adapter init and data order")
     config: str = _opt("", "YAML file with any of these keys (flags override it)")
 
@@ -78,7 +81,7 @@ class TrainConfig:
 
 _POSITIVE_INT = ("rank", "micro_batch_size", "grad_accum", "seq_len", "eval_batch_size", "log_every")
 _NON_NEGATIVE = ("squeeze_min_stage", "weight_decay", "max_grad_norm", "max_steps", "eval_every", "epochs", "replica_check_every",
-                 "plan_ranks")
+                 "plan_ranks", "save_every", "keep_last")
 
 
 def validate(cfg: TrainConfig) -> None:

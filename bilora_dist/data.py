@@ -152,12 +152,19 @@ class BatchPlan:
 
     The data stream is a concatenation of seeded per-epoch permutations; step t takes the next
     global batch (micro x accum x world). Rank k takes the k-th contiguous share and splits it into
-    micro-batches, so any world size sees the same global batch and resume is exact.
+    micro-batches, so any world size sees the same global batch and resume is exact. A resumed run
+    continues the stream at the example where the checkpoint left it (`start_example` at
+    `start_step`), whatever its own global batch.
     """
 
-    def __init__(self, n_examples: int, global_batch: int, seed: int):
+    def __init__(self, n_examples: int, global_batch: int, seed: int, start_step: int = 0, start_example: int = 0):
         self.n, self.global_batch, self.seed = n_examples, global_batch, seed
+        self.start_step, self.start_example = start_step, start_example
         self._perms: dict[int, list[int]] = {}
+
+    def consumed(self, step: int) -> int:
+        """Examples of the stream used by steps before `step`."""
+        return self.start_example + (step - self.start_step) * self.global_batch
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
@@ -166,7 +173,7 @@ class BatchPlan:
         return self._perms[epoch]
 
     def global_indices(self, step: int) -> list[int]:
-        start = step * self.global_batch
+        start = self.consumed(step)
         return [self._perm(k // self.n)[k % self.n] for k in range(start, start + self.global_batch)]
 
     def micro_batches(self, step: int, rank: int, world: int, accum: int) -> list[list[int]]:

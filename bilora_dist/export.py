@@ -50,11 +50,17 @@ def save_peft_adapter(branch: Branch, out_dir: Path, target_modules: list[str], 
     save_file(peft_state_dict(branch), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     (tmp / "adapter_config.json").write_text(json.dumps(peft_config(branch, target_modules, base_model), indent=2))
     (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}-old")
+    publish_directory(tmp, out_dir)
+
+
+def publish_directory(tmp: Path, final: Path) -> None:
+    """Move the finished directory `tmp` to `final`; an existing `final` is swapped out only once `tmp` is
+    complete, and removed after the rename."""
+    if final.exists():
+        old = final.with_name(f".{final.name}-old")
         shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-        tmp.rename(out_dir)
+        final.rename(old)
+        tmp.rename(final)
         shutil.rmtree(old)
     else:
-        tmp.rename(out_dir)
+        tmp.rename(final)

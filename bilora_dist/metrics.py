@@ -31,3 +31,15 @@ class MetricsLog:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def truncate_metrics(out_dir: Path, step: int) -> None:
+    """Drop metrics.jsonl rows after `step` (a resumed run redoes them); the file is replaced atomically."""
+    path = out_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)

@@ -20,6 +20,8 @@ from transformers import get_scheduler
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.adapters.bank import AdapterBank
 from bilora_dist.adapters.inject import check_rank, peft_target_modules
+from bilora_dist.checkpoint import (check_compatible, checkpoints_dir, find_checkpoint, load_checkpoint, read_state,
+                                    restore_bank, save_checkpoint, set_rng_state)
 from bilora_dist.config import TrainConfig
 from bilora_dist.data import BatchPlan, collate, load_records, to_device, tokenize_all
 from bilora_dist.embedded import DEFAULT_EVAL, DEFAULT_TRAIN
@@ -29,8 +31,9 @@ from bilora_dist.evaluation import choice_task, evaluate
 from bilora_dist.export import save_peft_adapter
 from bilora_dist.methods import METHOD_STEPS, build_optimizer
 from bilora_dist.memory_plan import DEFAULT_PERSISTENCE_THRESHOLD, format_plan, plan_memory
-from bilora_dist.metrics import MetricsLog
+from bilora_dist.metrics import MetricsLog, truncate_metrics
 from bilora_dist.modeling import build_on_meta, load_config, load_tokenizer, resolve_model
+from bilora_dist.preemption import StopRequest
 from bilora_dist.squeeze.schedule import apply_rank_change, parse_squeeze
 
 _SCHEDULER_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -90,14 +93,52 @@ def dry_run(cfg: TrainConfig) -> str:
                                                            "ranks": [p.as_dict() for p in plans]})
 
 
+def run_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint must share with the run resuming it (checkpoint.IDENTITY_KEYS)."""
+    model = str(Path(cfg.model).resolve()) if cfg.model and Path(cfg.model).exists() else cfg.model or "embedded"
+    bilora = cfg.method == "bilora"
+    return {"model": model, "method": cfg.method, "rank": cfg.rank, "alpha": cfg.alpha,
+            "aux_rank": cfg.aux_rank if bilora else None, "aux_scale": cfg.aux_scale if bilora else None,
+            "target_modules": cfg.target_modules, "squeeze": cfg.squeeze or None}
+
+
+def _resume_point(cfg: TrainConfig, out: Path, engine: Engine) -> Path | None:
+    """The checkpoint this run continues from (None: a fresh run); refuses incompatible ones and
+    output directories that hold another run."""
+    holds_run = (out / "metrics.jsonl").exists()
+    if not cfg.resume:
+        if holds_run:
+            raise UserError(f"--output-dir {out} already holds a run (metrics.jsonl); pass --resume auto to "
+                            "continue it, or choose another directory")
+        return None
+    path = find_checkpoint(out, cfg.resume, lambda message: _say(engine, message))
+    if path is None:
+        if holds_run:
+            raise UserError(f"--resume auto: {out} holds a run but no valid checkpoint in {checkpoints_dir(out)}")
+        return None
+    check_compatible(read_state(path), run_identity(cfg), path)
+    if holds_run and path.resolve().parent != checkpoints_dir(out).resolve():
+        raise UserError(f"--output-dir {out} already holds another run; resume into a new directory")
+    return path
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run one fine-tuning job; returns the evaluation before and after training."""
+    """Run (or resume) one fine-tuning job; returns the evaluations before and after training (before is
+    None for a resumed run) and, when SIGTERM/SIGINT stopped it early, the step it stopped at.
+    From the start, those signals only ask the loop to save a checkpoint and leave after the current step."""
+    with StopRequest() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
     engine = make_engine(cfg)
     if engine.is_main:
         resolve_model(cfg.model)  # converts the embedded model once, on one rank
     engine.barrier()
     model_path = resolve_model(cfg.model)
     load_config(model_path)
+    out = Path(cfg.output_dir)
+    resume_from = _resume_point(cfg, out, engine)
     tokenizer = load_tokenizer(model_path)
     train_records = load_records(cfg.data or str(DEFAULT_TRAIN), "--data")
     eval_records = load_records(cfg.eval_data or str(DEFAULT_EVAL), "--eval-data")
@@ -115,15 +156,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     schedule = parse_squeeze(cfg.squeeze, total_steps, cfg.rank, cfg.squeeze_min_stage, cfg.squeeze_ranks) \
         if cfg.squeeze else None
     squeeze_at = dict(schedule.events) if schedule else {}
-    squeeze_history: list[dict[str, Any]] = []
-    out = Path(cfg.output_dir)
-    if (out / "metrics.jsonl").exists():
-        raise UserError(f"--output-dir {out} already holds a run (metrics.jsonl); choose another directory")
+    checkpoint = load_checkpoint(resume_from) if resume_from else None
+    if checkpoint:
+        restore_bank(bank, checkpoint)
     engine.barrier()  # every rank has checked before the main rank starts writing (shared filesystems)
     # every input is valid from here on: only now touch the output directory
     if engine.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.yaml").write_text(cfg.to_yaml())
+        if checkpoint:
+            truncate_metrics(out, checkpoint.step)
     inject(model, bank)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -134,8 +176,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     scheduler = get_scheduler(_SCHEDULER_NAMES[cfg.scheduler], optimizer,
                               num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
+    start_step, start_example, squeeze_history = 0, 0, []
+    if checkpoint:
+        optimizer.load_state_dict(checkpoint.optimizer)
+        scheduler.load_state_dict(checkpoint.scheduler)
+        set_rng_state(checkpoint.rng[engine.rank if len(checkpoint.rng) == engine.world_size else 0])
+        start_step, start_example = checkpoint.step, checkpoint.state["consumed"]
+        squeeze_history = checkpoint.state["squeeze_history"]
+        _say(engine, f"resuming from {checkpoint.path} (step {start_step}, example {start_example}, "
+                     f"saved by {checkpoint.state['world_size']} rank(s), global batch "
+                     f"{checkpoint.state['global_batch']})")
     step_fn = METHOD_STEPS[cfg.method](model, bank, optimizer, engine, cfg.max_grad_norm, cfg.rho)
-    plan = BatchPlan(len(train_set), global_batch, cfg.seed)
+    plan = BatchPlan(len(train_set), global_batch, cfg.seed, start_step, start_example)
     log = MetricsLog(out, engine.is_main)
     pad_id = tokenizer.pad_token_id
     _say(engine, f"{cfg.method} on {model_path}: {len(names)} adapted layers, "
@@ -148,10 +200,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         log.write({"step": step, **result})
         return result
 
-    before = run_eval(0)
-    _say(engine, f"before training: {before}")
+    def save(step: int) -> Path:
+        state = {"step": step, "consumed": plan.consumed(step), "total_steps": total_steps,
+                 "global_batch": global_batch, "world_size": engine.world_size, "squeeze_history": squeeze_history,
+                 "primary_ranks": sorted(set(bank.primary.ranks)), "identity": run_identity(cfg)}
+        return save_checkpoint(out, state, bank, optimizer, scheduler, cfg.to_yaml(), engine, cfg.keep_last)
+
+    before = None if checkpoint else run_eval(0)
+    if before:
+        _say(engine, f"before training: {before}")
     start = time.perf_counter()
-    for step in tqdm(range(total_steps), desc=cfg.method, disable=not engine.is_main, dynamic_ncols=True):
+    stopped_at = None
+    for step in tqdm(range(start_step, total_steps), desc=cfg.method, disable=not engine.is_main,
+                     dynamic_ncols=True, initial=start_step, total=total_steps):
         batches = [to_device(collate([train_set[i] for i in mb], pad_id), engine.device)
                    for mb in plan.micro_batches(step, engine.rank, engine.world_size, cfg.grad_accum)]
         t0 = time.perf_counter()
@@ -178,10 +239,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 row["aux_norm"] = stats.aux_norm
         if cfg.replica_check_every and ((step + 1) % cfg.replica_check_every == 0 or last):
             row["adapter_sha256"] = _check_replicas(engine, bank, step + 1)
+        stopping = stop.agreed(engine)
+        if stopping:
+            row["stopped_by"] = stop.received or "signal on another rank"
         if row:
             log.write({"step": step + 1, **row})
+        if last or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            saved = save(step + 1)
+            if stopping:
+                _say(engine, f"stopped by {row['stopped_by']} after step {step + 1}; checkpoint {saved}; "
+                             "continue with --resume auto")
+                stopped_at = step + 1
+                break
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:
             run_eval(step + 1)
+    if stopped_at is not None:
+        log.close()
+        engine.close()
+        return {"before": before, "after": None, "steps": total_steps, "stopped_at": stopped_at}
     train_s = time.perf_counter() - start
     after = run_eval(total_steps)
     _say(engine, f"after training:  {after}")
@@ -192,7 +267,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         provenance = {"method": cfg.method, "rho": cfg.rho, "rank": cfg.rank, "alpha": cfg.alpha,
                       "aux_rank": cfg.aux_rank if cfg.method == "bilora" else None, "steps": total_steps,
                       "engine": engine.name, "world_size": engine.world_size, "squeeze": cfg.squeeze or None,
-                      "squeeze_history": squeeze_history}
+                      "squeeze_history": squeeze_history, "resumed_from": str(resume_from) if resume_from else None}
         save_peft_adapter(bank.primary, out / "adapter", peft_target_modules(cfg.target_modules, names),
                           model_path, provenance)
         _say(engine, f"adapter written to {out / 'adapter'}")

@@ -46,3 +46,12 @@ def small_data(tmp_path, train_records) -> tuple[Path, Path]:
     train.write_text("".join(json.dumps(r) + "\n" for r in train_records[:32]))
     held.write_text("".join(json.dumps(r) + "\n" for r in train_records[32:48]))
     return train, held
+
+
+@pytest.fixture(scope="session")
+def module_data(tmp_path_factory, train_records) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("dist_data")
+    train, held = root / "train.jsonl", root / "eval.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in train_records[:48]))
+    held.write_text("".join(json.dumps(r) + "\n" for r in train_records[48:64]))
+    return train, held

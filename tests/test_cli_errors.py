@@ -94,7 +94,9 @@ def test_a_failed_run_leaves_the_saved_run_untouched(capsys, base_args, tmp_path
     assert (out / "adapter" / "adapter_model.safetensors") in digest
     capsys.readouterr()
     assert "already holds a run" in _fail(capsys, base_args)
-    assert "file not found" in _fail(capsys, _with(base_args, data=str(tmp_path / "gone.jsonl")))
+    resume = _with(base_args, data=str(tmp_path / "gone.jsonl"), resume="auto")
+    assert "file not found" in _fail(capsys, resume)
+    assert "--method" in _fail(capsys, _with(base_args, method="lora", resume="auto"))  # another run's checkpoint
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()} == digest
 
 
@@ -136,3 +138,27 @@ def test_single_engine_under_a_multi_process_launcher(capsys, base_args, monkeyp
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert "--engine single runs one process" in _fail(capsys, base_args + ["--engine", "single"])
     assert not (Path(base_args[-1]) / "metrics.jsonl").exists()
+
+
+def test_negative_checkpoint_counts(capsys, base_args):
+    assert "--save-every must be >= 0" in _fail(capsys, _with(base_args, save_every="-1"))
+    assert "--keep-last must be >= 0" in _fail(capsys, _with(base_args, keep_last="-2"))
+
+
+def test_export_errors(capsys, tmp_path):
+    from bilora_dist.export_cli import export_main
+
+    def fail(argv: list[str]) -> str:
+        assert run_cli(export_main, argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+        return err
+
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    assert "no such directory" in fail(["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+    assert "already exists" in fail(["--checkpoint", str(tmp_path), "--out", str(existing)])
+    assert "holds no checkpoint" in fail(["--checkpoint", str(existing), "--out", str(tmp_path / "o")])
+    assert "--shard-size '2 lots'" in fail(["--checkpoint", str(existing), "--out", str(tmp_path / "o"),
+                                            "--shard-size", "2 lots"])
+    assert not (tmp_path / "o").exists()

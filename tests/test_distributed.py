@@ -52,15 +52,6 @@ def train_args(model: Path, data: tuple[Path, Path], out: Path, method: str, acc
 
 
 @pytest.fixture(scope="module")
-def module_data(tmp_path_factory, train_records) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("dist_data")
-    train, held = root / "train.jsonl", root / "eval.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in train_records[:48]))
-    held.write_text("".join(json.dumps(r) + "\n" for r in train_records[48:64]))
-    return train, held
-
-
-@pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir, module_data):
     """Launch each (engine, method) run once, on demand; returns its output directory."""
     cache: dict[tuple[str, str, tuple[str, ...]], Path] = {}

@@ -12,3 +12,33 @@ def random_branch(seed: int = 7) -> Branch:
     pairs = [(torch.randn(8, s.in_features, generator=gen) * torch.logspace(0, -2, 8)[:, None],
               torch.randn(s.out_features, 8, generator=gen)) for s in shapes]
     return Branch.from_factors(shapes, pairs, [2.0] * len(shapes))
+
+
+def fixture_bank():
+    """A Bi-LoRA bank over three small layers with random primary and auxiliary factors."""
+    from bilora_dist.adapters.bank import AdapterBank
+
+    shapes = [LayerShape(f"l{i}", 12, 10) for i in range(3)]
+    gen = torch.Generator().manual_seed(3)
+    primary = Branch(shapes, [4] * 3, [2.0] * 3, torch.randn(3 * 4 * 22, generator=gen))
+    aux = Branch(shapes, [2] * 3, [1.0] * 3, torch.randn(3 * 2 * 22, generator=gen))
+    return AdapterBank(shapes, primary, aux)
+
+
+def checkpoint_fixture(out, step: int, keep_last: int = 0, return_state: bool = False):
+    """Save a checkpoint of a fixture bank after one AdamW step, as the trainer would at `step`."""
+    from pathlib import Path
+
+    from bilora_dist.checkpoint import save_checkpoint
+    from bilora_dist.engines.base import Engine
+
+    bank = fixture_bank()
+    optimizer = torch.optim.AdamW([bank.primary.flat, bank.aux.flat], lr=1e-2)
+    bank.primary.flat.grad = torch.ones_like(bank.primary.flat)
+    bank.aux.flat.grad = torch.ones_like(bank.aux.flat)
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    state = {"step": step, "consumed": 8 * step, "total_steps": 10, "global_batch": 8, "world_size": 1,
+             "squeeze_history": [], "identity": {}}
+    save_checkpoint(Path(out), state, bank, optimizer, scheduler, "", Engine(), keep_last)
+    return (bank, optimizer) if return_state else None

@@ -1,0 +1,126 @@
+"""`python launch/export.py`: a PEFT adapter, a squeezed adapter or a merged model from a checkpoint,
+an output directory or an adapter directory, whichever engine trained it (adapters are replicated,
+so every checkpoint holds the whole adapter)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bilora_dist.adapters.bank import Branch
+from bilora_dist.adapters.inject import peft_target_modules
+from bilora_dist.checkpoint import MANIFEST, checkpoints_dir, find_checkpoint, load_checkpoint, verify
+from bilora_dist.errors import UserError
+from bilora_dist.export import PROVENANCE_FILE, save_peft_adapter
+from bilora_dist.merge import merge_into_base
+from bilora_dist.modeling import resolve_model
+from bilora_dist.squeeze.branch import squeeze_branch
+from bilora_dist.squeeze.peft_io import read_peft_adapter
+
+
+@dataclass
+class ExportSource:
+    branch: Branch                  # the primary adapter (the auxiliary is never exported)
+    base_model: str                 # directory of the frozen base it was trained on
+    target_modules: list[str]
+    provenance: dict[str, Any]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise UserError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="launch/export.py", description=__doc__)
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="checkpoints/step_N, a training output dir (its adapter, else newest checkpoint), or an adapter")
+    p.add_argument("--out", type=Path, required=True, help="directory to write (must not exist)")
+    p.add_argument("--rank", type=int, help="squeeze the adapter to this rank first")
+    p.add_argument("--merged", action="store_true", help="write the base with the adapter folded in")
+    p.add_argument("--model", help="base model directory (default: the one the adapter was trained on)")
+    p.add_argument("--shard-size", default="2GB", help="largest merged weight file, e.g. 500MB, 2GB")
+    return p
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", text.upper())
+    if not match:
+        raise UserError(f"--shard-size '{text}': expected a size such as 500MB or 2GB")
+    return int(float(match[1]) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}[match[2]])
+
+
+def _from_checkpoint(path: Path) -> ExportSource:
+    checkpoint = load_checkpoint(path)
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    branch = checkpoint.branches["primary"]
+    targets = peft_target_modules(config["target_modules"], [s.name for s in branch.shapes])
+    provenance = {"method": config["method"], "rho": config["rho"], "rank": config["rank"],
+                  "alpha": config["alpha"], "steps": checkpoint.step, "checkpoint": str(path),
+                  "squeeze_history": checkpoint.state["squeeze_history"]}
+    return ExportSource(branch, resolve_model(config["model"]), targets, provenance)
+
+
+def _from_adapter(path: Path) -> ExportSource:
+    branch, config = read_peft_adapter(path, "--checkpoint")
+    provenance = json.loads((path / PROVENANCE_FILE).read_text()) if (path / PROVENANCE_FILE).is_file() else {}
+    return ExportSource(branch, config.get("base_model_name_or_path", ""), config["target_modules"], provenance)
+
+
+def read_source(path: Path) -> ExportSource:
+    """What --checkpoint names: a checkpoint, an output directory or a PEFT adapter directory."""
+    if not path.is_dir():
+        raise UserError(f"--checkpoint {path}: no such directory")
+    if (path / MANIFEST).exists():
+        problem = verify(path)
+        if problem:
+            raise UserError(f"--checkpoint {path}: {problem}")
+        return _from_checkpoint(path)
+    if (path / "adapter_config.json").is_file():
+        return _from_adapter(path)
+    if (path / "adapter" / "adapter_config.json").is_file():
+        return _from_adapter(path / "adapter")
+    if checkpoints_dir(path).is_dir():
+        newest = find_checkpoint(path, "auto", print)
+        if newest is not None:
+            return _from_checkpoint(newest)
+    raise UserError(f"--checkpoint {path}: holds no checkpoint, no training output and no PEFT adapter")
+
+
+def export_main(argv: list[str]) -> None:
+    args = _parser().parse_args(argv)
+    if args.rank is not None and args.rank < 1:
+        raise UserError(f"--rank must be >= 1, got {args.rank}")
+    if args.out.exists():
+        raise UserError(f"--out {args.out} already exists; choose a new directory")
+    shard_bytes = parse_size(args.shard_size)
+    start = time.perf_counter()
+    source = read_source(args.checkpoint)
+    branch = source.branch
+    history = list(source.provenance.get("squeeze_history") or [])
+    if args.rank is not None and args.rank < max(branch.ranks):
+        branch, reports = squeeze_branch(branch, args.rank)
+        kept = [r.kept_energy for r in reports]
+        history.append({"mode": "export", "rank": args.rank, "kept_energy_mean": sum(kept) / len(kept),
+                        "kept_energy_min": min(kept)})
+        print(f"squeezed {len(reports)} layers to rank {args.rank}; kept energy min {min(kept):.4f}")
+    base = args.model or source.base_model
+    if args.merged:
+        if not base or not Path(base).is_dir():
+            raise UserError(f"--merged needs the base model directory; '{base}' is not one (pass --model DIR)")
+        counts = merge_into_base(Path(base), branch, args.out, shard_bytes)
+        print(f"merged {counts['merged_layers']} layers into {base}: {counts['tensors']} tensors, "
+              f"{counts['shards']} shard(s), {counts['bytes'] / 2**20:.1f} MiB; {time.perf_counter() - start:.1f} s")
+    else:
+        save_peft_adapter(branch, args.out, source.target_modules, base,
+                          {**source.provenance, "squeeze_history": history})
+        print(f"adapter of {len(branch.shapes)} layers (ranks {min(branch.ranks)}-{max(branch.ranks)}); "
+              f"{time.perf_counter() - start:.1f} s")
+    print(f"written to {args.out}")

@@ -1,0 +1,119 @@
+"""Folding an adapter into its base model: W = W0 + s·B A, streamed into sharded safetensors.
+
+The base is read one tensor at a time (each file opened only for that tensor, so no mapping grows
+with the model) and written in shards of at most `shard_bytes`; peak memory is about one shard plus
+one tensor, whatever the model size. Adapted layers are folded in fp32 and cast back to the base
+dtype. A model with tied input/output embeddings whose head is adapted gets an untied head. Bases are
+read from their full-precision files, so a run trained on a 4-bit base merges into the original
+weights (dequantised values are never needed).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from bilora_dist.adapters.bank import Branch
+from bilora_dist.errors import UserError
+from bilora_dist.modeling import build_on_meta, safetensors_index
+
+
+def _read(file: Path, key: str) -> torch.Tensor:
+    with safe_open(str(file), framework="pt") as f:
+        return f.get_tensor(key)
+
+
+class _ShardWriter:
+    """Collects tensors and writes a shard whenever the next tensor would pass `shard_bytes`."""
+
+    def __init__(self, directory: Path, shard_bytes: int):
+        self.directory, self.shard_bytes = directory, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.shard_bytes:
+            self._flush()
+        self.pending[key] = tensor.contiguous()
+        self.pending_bytes += size
+
+    def _flush(self) -> None:
+        save_file(self.pending, str(self.directory / f"shard-{len(self.shards)}.tmp"), metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> int:
+        """Write the last shard, name the shards as Hugging Face does, write the index; returns bytes total."""
+        if self.pending:
+            self._flush()
+        count = len(self.shards)
+        names = ["model.safetensors"] if count == 1 else \
+            [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        total = 0
+        for i, name in enumerate(names):
+            file = self.directory / f"shard-{i}.tmp"
+            total += file.stat().st_size
+            file.rename(self.directory / name)
+        if count > 1:
+            weight_map = {key: name for keys, name in zip(self.shards, names) for key in keys}
+            (self.directory / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        return total
+
+
+def merge_into_base(model_dir: Path, branch: Branch, out_dir: Path, shard_bytes: int) -> dict[str, int]:
+    """Write the merged model (weights, config, tokenizer and the other non-weight files of `model_dir`)
+    to `out_dir`, which appears complete or not at all. Returns counts for the report."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    index = safetensors_index(model_dir, f"--merged: {model_dir} holds no .safetensors weights to merge into")
+    meta = build_on_meta(str(model_dir), torch.float32)
+    names = {module: name for name, module in meta.named_modules()}
+    embed_key = names[meta.get_input_embeddings()] + ".weight"
+    head = meta.get_output_embeddings()
+    head_key = names[head] + ".weight" if head is not None else None
+    layers = {shape.name + ".weight": i for i, shape in enumerate(branch.shapes)}
+    # a tied head absent from the files is read from the embedding when it is adapted
+    sources = dict(index)
+    if head_key in layers and head_key not in sources:
+        sources[head_key] = index[embed_key]
+    missing = sorted(k[:-len(".weight")] for k in layers if k not in sources)
+    if missing:
+        raise UserError(f"--merged: the adapter adapts {missing[0]}, which {model_dir} has no weight for")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    try:
+        writer = _ShardWriter(tmp, shard_bytes)
+        order = sorted(sources, key=lambda k: (str(sources[k]), k))
+        with torch.no_grad():
+            for key in tqdm(order, desc="merge", unit="tensor", dynamic_ncols=True):
+                tensor = _read(sources[key], embed_key if key == head_key and key not in index else key)
+                if key in layers:
+                    A, B = branch.factors(layers[key])
+                    scale = branch.scales[layers[key]]
+                    tensor = (tensor.float() + scale * (B.float() @ A.float())).to(tensor.dtype)
+                writer.add(key, tensor)
+                del tensor
+        total = writer.close()
+        config = json.loads((model_dir / "config.json").read_text())
+        if head_key in layers and config.get("tie_word_embeddings", False):
+            config["tie_word_embeddings"] = False  # the head now differs from the embedding
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for file in model_dir.iterdir():
+            if file.is_file() and file.suffix != ".safetensors" and file.name not in (
+                    "config.json", "model.safetensors.index.json"):
+                shutil.copy2(file, tmp / file.name)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"tensors": len(order), "merged_layers": len(layers), "shards": len(writer.shards), "bytes": total}

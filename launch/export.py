@@ -1,0 +1,9 @@
+"""Export a trained adapter: python launch/export.py --checkpoint DIR --out DIR [--rank K] [--merged]."""
+
+import sys
+
+from bilora_dist.cli import run_cli
+from bilora_dist.export_cli import export_main
+
+if __name__ == "__main__":
+    sys.exit(run_cli(export_main))

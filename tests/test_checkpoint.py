@@ -1,0 +1,231 @@
+"""Checkpoints: exact resume on every engine (Bi-LoRA with a squeeze between save and end), pre-emption
+by SIGTERM, a write killed by SIGKILL, corrupted and incompatible checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bilora_dist.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, verify
+from test_distributed import launcher, read_metrics, run_env, step_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, SAVE_AT = 8, 4
+# Bi-LoRA whose primary is squeezed 8 -> 4 after step 6: between the step-4 checkpoint and the end
+SQUEEZE = ["--rank", "8", "--squeeze", "cont:8->4@6", "--squeeze-min-stage", "1"]
+
+
+def args(model: Path, data: tuple[Path, Path], out: Path, accum: int, *extra: str) -> list[str]:
+    return ["--model", str(model), "--data", str(data[0]), "--eval-data", str(data[1]), "--method", "bilora",
+            "--max-steps", str(STEPS), "--micro-batch-size", "4", "--grad-accum", str(accum), "--lr", "2e-3",
+            "--warmup-ratio", "0", "--rho", "0.02", "--save-every", str(SAVE_AT), "--keep-last", "0",
+            "--output-dir", str(out), *SQUEEZE, *extra]
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600, **kwargs)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def assert_identical_from(resumed: Path, full: Path, step: int) -> None:
+    """Same losses (exactly) for every step after `step`, bit-identical adapters and optimizer at the end."""
+    want = [(r["step"], r["loss"]) for r in step_rows(full) if r["step"] > step]
+    got = [(r["step"], r["loss"]) for r in step_rows(resumed) if r["step"] > step]
+    assert got == want and len(got) == STEPS - step
+    a = load_file(full / "checkpoints" / f"step_{STEPS}" / "adapters.safetensors")
+    b = load_file(resumed / "checkpoints" / f"step_{STEPS}" / "adapters.safetensors")
+    assert a.keys() == b.keys() == {"primary", "aux"}
+    assert a["primary"].numel() < a["aux"].numel()  # the squeeze happened in both runs
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    opt_a = torch.load(full / "checkpoints" / f"step_{STEPS}" / "optimizer.pt", weights_only=True)
+    opt_b = torch.load(resumed / "checkpoints" / f"step_{STEPS}" / "optimizer.pt", weights_only=True)
+    for pid, state in opt_a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, opt_b["optimizer"]["state"][pid][name]), name
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_model_dir, module_data):
+    """The uninterrupted run of each engine, launched once, on demand."""
+    cache: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in cache:
+            cache[kind] = tmp_path_factory.mktemp(f"full_{kind}") / "run"
+            run(launcher(kind) + args(tiny_model_dir, module_data, cache[kind], 2 if kind == "single" else 1))
+        return cache[kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", ["single", "zero3", "fsdp"])
+def test_resume_continues_bit_identically(kind, full_run, tiny_model_dir, module_data, tmp_path):
+    accum = 2 if kind == "single" else 1
+    full, resumed = full_run(kind), tmp_path / "resumed"
+    assert [p.name for p in list_checkpoints(full / "checkpoints")] == [f"step_{STEPS}", f"step_{SAVE_AT}"]
+    proc = run(launcher(kind) + args(tiny_model_dir, module_data, resumed, accum,
+                                     "--resume", str(full / "checkpoints" / f"step_{SAVE_AT}")))
+    assert f"resuming from {full / 'checkpoints' / f'step_{SAVE_AT}'}" in proc.stdout + proc.stderr
+    assert_identical_from(resumed, full, SAVE_AT)
+    # the frozen base never enters a checkpoint: it holds the adapters and their state only
+    sizes = sum(f.stat().st_size for f in (full / "checkpoints" / f"step_{STEPS}").iterdir())
+    assert sizes < 200_000
+
+
+def test_resume_on_another_world_size(full_run, tiny_model_dir, module_data, tmp_path):
+    """A one-process checkpoint continued by 2 FSDP ranks (same global batch) ends where the one-process run does."""
+    full, resumed = full_run("single"), tmp_path / "resumed"
+    run(launcher("fsdp") + args(tiny_model_dir, module_data, resumed, 1,
+                                "--resume", str(full / "checkpoints" / f"step_{SAVE_AT}")))
+    a = load_file(full / "checkpoints" / f"step_{STEPS}" / "adapters.safetensors")
+    b = load_file(resumed / "checkpoints" / f"step_{STEPS}" / "adapters.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+
+
+def test_sigterm_saves_and_resume_auto_finishes_the_run(full_run, tiny_model_dir, module_data, tmp_path):
+    full, stopped = full_run("single"), tmp_path / "stopped"
+    cmd = launcher("single") + args(tiny_model_dir, module_data, stopped, 2, "--save-every", "0")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**run_env(), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:  # the run announces itself once the model is loaded, before step 1
+        if line.startswith("bilora on"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    stop_rows = [r for r in read_metrics(stopped) if "stopped_by" in r]
+    assert len(stop_rows) == 1 and stop_rows[0]["stopped_by"] == "SIGTERM"
+    at = stop_rows[0]["step"]
+    assert 1 <= at < STEPS and [p.name for p in list_checkpoints(stopped / "checkpoints")] == [f"step_{at}"]
+    assert f"stopped by SIGTERM after step {at}" in output and not (stopped / "adapter").exists()
+    proc = run(cmd + ["--resume", "auto"])
+    assert f"resuming from {stopped / 'checkpoints' / f'step_{at}'}" in proc.stdout + proc.stderr
+    assert_identical_from(stopped, full, at)
+    assert [r["step"] for r in step_rows(stopped)] == list(range(1, STEPS + 1))  # no step logged twice
+
+
+KILLED_WRITER = """
+import sys, time, torch
+from bilora_dist import checkpoint
+from tests_support import checkpoint_fixture
+out = sys.argv[1]
+def stall(obj, path, *a, **k):  # dies half-way through writing optimizer.pt
+    open(path, "wb").write(b"partial")
+    open(out + "/writing", "w").close()
+    time.sleep(600)
+torch.save = stall
+checkpoint_fixture(out, step=2)
+"""
+
+
+def test_sigkill_mid_write_leaves_the_previous_checkpoint(tmp_path):
+    from tests_support import checkpoint_fixture
+
+    checkpoint_fixture(tmp_path, step=1)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path)], cwd=ROOT / "tests", env=run_env())
+    deadline = time.time() + 120
+    while not (tmp_path / "writing").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in root.glob(".tmp-step_2-*")] and not (root / "step_2").exists()
+    assert find_checkpoint(tmp_path, "auto", pytest.fail) == root / "step_1"
+    assert load_checkpoint(root / "step_1").step == 1
+    # the next save clears the leftover of the killed write
+    checkpoint_fixture(tmp_path, step=3)
+    assert not list(root.glob(".tmp-step_*")) and verify(root / "step_3") is None
+
+
+def test_corrupted_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
+    from tests_support import checkpoint_fixture
+
+    checkpoint_fixture(tmp_path, step=1)
+    checkpoint_fixture(tmp_path, step=2)
+    weights = tmp_path / "checkpoints" / "step_2" / "adapters.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    warnings: list[str] = []
+    assert find_checkpoint(tmp_path, "auto", warnings.append) == tmp_path / "checkpoints" / "step_1"
+    assert warnings == [f"warning: skipping checkpoint {tmp_path / 'checkpoints' / 'step_2'}: "
+                        "adapters.safetensors fails its checksum"]
+
+
+def test_keep_last_prunes_older_checkpoints(tmp_path):
+    from tests_support import checkpoint_fixture
+
+    for step in (1, 2, 3):
+        checkpoint_fixture(tmp_path, step=step, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_3", "step_2"]
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, tiny_model_dir, module_data) -> Path:
+    out = tmp_path_factory.mktemp("saved") / "run"
+    run(launcher("single") + args(tiny_model_dir, module_data, out, 2, "--max-steps", "4", "--squeeze-min-stage", "0",
+                                  "--squeeze", "cont:8->4@2"))
+    return out
+
+
+@pytest.mark.parametrize("change, named", [(["--method", "lora"], "--method"), (["--rank", "4", "--squeeze", ""], "--rank"),
+                                           (["--squeeze", "cont:8->2@2"], "--squeeze"), (["--model", "OTHER"], "--model")])
+def test_incompatible_resume_is_refused(saved_run, change, named, module_data, tmp_path, tiny_model_dir):
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+
+    if "OTHER" in change:
+        other = tmp_path / "other_model"
+        LlamaForCausalLM(tiny_llama_config(int(json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]))
+                         ).save_pretrained(other)
+        for f in tiny_model_dir.glob("tokenizer*"):
+            (other / f.name).write_bytes(f.read_bytes())
+        change = ["--model", str(other)]
+    before = {p: p.stat().st_mtime_ns for p in saved_run.rglob("*") if p.is_file()}
+    cmd = launcher("single") + args(tiny_model_dir, module_data, saved_run, 2, "--max-steps", "4",
+                                    "--squeeze", "cont:8->4@2", "--squeeze-min-stage", "0", *change,
+                                    "--resume", str(saved_run / "checkpoints" / "step_4"))
+    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --resume") and named in lines[0], proc.stderr
+    assert before == {p: p.stat().st_mtime_ns for p in saved_run.rglob("*") if p.is_file()}  # nothing touched
+
+
+def test_unsupported_checkpoint_and_resume_errors(saved_run, tmp_path, module_data, tiny_model_dir):
+    base = launcher("single") + args(tiny_model_dir, module_data, tmp_path / "new", 2)
+    for extra, message in ((["--resume", str(tmp_path / "nowhere")], "no such checkpoint directory"),
+                           (["--resume", str(saved_run)], "no manifest.json")):
+        proc = subprocess.run(base + extra, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    # an output directory that holds a run is never overwritten without --resume
+    proc = subprocess.run(launcher("single") + args(tiny_model_dir, module_data, saved_run, 2), cwd=ROOT,
+                          env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--resume auto" in proc.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_checkpoint_round_trip_in_process(tmp_path):
+    from tests_support import checkpoint_fixture
+
+    bank, optimizer = checkpoint_fixture(tmp_path, step=5, return_state=True)
+    loaded = load_checkpoint(tmp_path / "checkpoints" / "step_5")
+    assert torch.equal(loaded.branches["primary"].flat, bank.primary.flat)
+    assert torch.equal(loaded.branches["aux"].flat, bank.aux.flat)
+    assert loaded.branches["primary"].ranks == bank.primary.ranks and loaded.state["consumed"] == 40
+    state = optimizer.state_dict()["state"][0]
+    assert torch.equal(loaded.optimizer["state"][0]["exp_avg"], state["exp_avg"])
+    assert len(loaded.rng) == 1 and torch.equal(loaded.rng[0]["torch"], torch.get_rng_state())

@@ -1,0 +1,160 @@
+"""launch/export.py: PEFT adapter, squeezed adapter and streamed merged model from a checkpoint, an output
+directory or any PEFT adapter, against the trained model's own logits and a dense SVD."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
+from bilora_dist.checkpoint import load_checkpoint, restore_bank
+from bilora_dist.embedded import default_model_dir
+from bilora_dist.export import save_peft_adapter
+from test_distributed import launcher, run_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def export(*argv: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "launch/export.py", *argv], cwd=ROOT, env=run_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, module_data) -> Path:
+    """A 4-step 2-rank ZeRO-3 Bi-LoRA run with a checkpoint at its end."""
+    out = tmp_path_factory.mktemp("export") / "run"
+    cmd = launcher("zero3") + ["--model", str(tiny_model_dir), "--data", str(module_data[0]), "--eval-data",
+                               str(module_data[1]), "--max-steps", "4", "--micro-batch-size", "4", "--lr", "1e-2",
+                               "--output-dir", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def inputs() -> dict[str, torch.Tensor]:
+    ids = torch.randint(5, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def trained_logits(model_dir: Path, checkpoint: Path) -> torch.Tensor:
+    """Logits of the base with the checkpoint's bank injected, auxiliary off: what training evaluates."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    bank = build_bank(layer_shapes(model, select_targets(model, "all-linear")), 8, 16.0, 8, 1.0, 0)
+    restore_bank(bank, load_checkpoint(checkpoint))
+    inject(model, bank)
+    with torch.no_grad(), bank.primary_only():
+        return model(**inputs()).logits
+
+
+def test_adapter_and_merged_model_reproduce_the_trained_model(trained, tiny_model_dir, tmp_path):
+    checkpoint = trained / "checkpoints" / "step_4"
+    want = trained_logits(tiny_model_dir, checkpoint)
+    export("--checkpoint", str(checkpoint), "--out", str(tmp_path / "adapter"))
+    with torch.no_grad():
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
+        torch.testing.assert_close(peft(**inputs()).logits, want, rtol=0, atol=1e-5)
+        assert not torch.allclose(AutoModelForCausalLM.from_pretrained(tiny_model_dir)(**inputs()).logits, want,
+                                  atol=1e-3)  # the adapter matters
+    export("--checkpoint", str(checkpoint), "--out", str(tmp_path / "merged"), "--merged")
+    merged_dir = tmp_path / "merged"
+    assert (merged_dir / "tokenizer.json").is_file() and (merged_dir / "config.json").is_file()
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+        torch.testing.assert_close(merged(**inputs()).logits, want, rtol=0, atol=1e-4)
+    # from the output directory: its final adapter, the same primary factors as the last checkpoint
+    export("--checkpoint", str(trained), "--out", str(tmp_path / "from_run"))
+    a, b = load_file(tmp_path / "from_run" / "adapter_model.safetensors"), load_file(
+        tmp_path / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rank_export_is_the_truncated_svd(trained, tiny_model_dir, tmp_path):
+    checkpoint = trained / "checkpoints" / "step_4"
+    export("--checkpoint", str(checkpoint), "--out", str(tmp_path / "r2"), "--rank", "2")
+    config = json.loads((tmp_path / "r2" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["lora_alpha"] == 4.0  # the scale 16/8 is kept: alpha' = 2 * 2
+    primary = load_checkpoint(checkpoint).branches["primary"].requires_grad_(False)
+    got = load_file(tmp_path / "r2" / "adapter_model.safetensors")
+    for i, shape in enumerate(primary.shapes):
+        A, B = primary.factors(i)
+        U, S, Vh = torch.linalg.svd(2.0 * B.double() @ A.double(), full_matrices=False)
+        best = (U[:, :2] * S[:2]) @ Vh[:2]
+        key = f"base_model.model.{shape.name}.lora_"
+        delta = 2.0 * got[key + "B.weight"].double() @ got[key + "A.weight"].double()
+        assert float((delta - best).norm() / best.norm()) < 1e-5
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "r2")
+
+
+def test_merging_an_adapted_tied_head_unties_it(tiny_model_dir, tmp_path):
+    """Any PEFT adapter, here one adapting the tied lm_head: merged in shards of 20 KB (many files + index)."""
+    torch.manual_seed(0)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "peft")
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(
+        {**json.loads((tmp_path / "peft" / "adapter_config.json").read_text()),
+         "base_model_name_or_path": str(tiny_model_dir)}))
+    export("--checkpoint", str(tmp_path / "peft"), "--out", str(tmp_path / "merged"), "--merged",
+           "--shard-size", "20KB")
+    merged_dir = tmp_path / "merged"
+    assert json.loads((merged_dir / "config.json").read_text())["tie_word_embeddings"] is False
+    assert len(json.loads((merged_dir / "model.safetensors.index.json").read_text())["weight_map"]) > 1
+    with torch.no_grad():
+        want = peft(**inputs()).logits
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+        torch.testing.assert_close(merged(**inputs()).logits, want, rtol=0, atol=1e-4)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        torch.testing.assert_close(merged.model.embed_tokens.weight, base.model.embed_tokens.weight, rtol=0, atol=0)
+
+
+MEASURE = """
+import resource, sys
+from bilora_dist.cli import run_cli
+from bilora_dist.export_cli import export_main
+import transformers, safetensors.torch
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+code = run_cli(export_main, sys.argv[1:])
+print("extra_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+sys.exit(code)
+"""
+
+
+def test_merge_of_the_default_model_streams(tmp_path):
+    """Merging SmolLM2-135M (538 MB fp32) in 64 MB shards adds far less than the model to peak RSS."""
+    model_dir = default_model_dir()
+    from bilora_dist.modeling import build_on_meta
+
+    meta = build_on_meta(str(model_dir), torch.float32)
+    names = select_targets(meta, "all-linear")
+    bank = build_bank(layer_shapes(meta, names), 8, 16.0, None, 1.0, 0)
+    with torch.no_grad():
+        bank.primary.flat.normal_(0, 0.01)
+    save_peft_adapter(bank.primary, tmp_path / "adapter", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"], str(model_dir), {})
+    proc = subprocess.run([sys.executable, "-c", MEASURE, "--checkpoint", str(tmp_path / "adapter"), "--out",
+                           str(tmp_path / "merged"), "--merged", "--shard-size", "64MB"], cwd=ROOT, env=run_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    extra_mb = int(proc.stdout.split("extra_kib")[1]) / 1024
+    model_mb = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20
+    merged_mb = sum(f.stat().st_size for f in (tmp_path / "merged").glob("*.safetensors")) / 2**20
+    assert abs(merged_mb - model_mb) < 1 and len(list((tmp_path / "merged").glob("*.safetensors"))) > 4
+    assert extra_mb < 0.6 * model_mb, (extra_mb, model_mb)
+    # one merged layer, checked against W0 + s·BA
+    name = names[0]
+    A, B = bank.primary.factors(0)
+    index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())["weight_map"]
+    merged_w = load_file(tmp_path / "merged" / index[name + ".weight"])[name + ".weight"]
+    base_w = load_file(model_dir / "model.safetensors")[name + ".weight"]
+    torch.testing.assert_close(merged_w, base_w + 2.0 * B @ A, rtol=0, atol=1e-6)
