@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
@@ -29,6 +31,7 @@ from bilora_dist.checkpoint import load_checkpoint, save_checkpoint
 from bilora_dist.embedded import default_model_dir
 from bilora_dist.engines.base import Engine
 from bilora_dist.export import save_peft_adapter
+from bilora_dist.merge import DTYPE_BYTES
 from bilora_dist.modeling import build_on_meta
 
 HERE = Path(__file__).resolve().parent
@@ -36,14 +39,16 @@ LLAMA_1B = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=563
                        num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False,
                        torch_dtype="bfloat16")
 MEASURE = """
-import resource, sys, time
+import sys, time
 from bilora_dist.cli import run_cli
 from bilora_dist.export_cli import export_main
 import transformers, safetensors.torch
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# VmHWM restarts at exec; ru_maxrss would carry the parent's peak over the fork
+peak = lambda: int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+before = peak()
 t0 = time.perf_counter()
 code = run_cli(export_main, sys.argv[1:])
-print("RESULT", time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+print("RESULT", time.perf_counter() - t0, peak() - before)
 sys.exit(code)
 """
 
@@ -58,7 +63,7 @@ def checkpoint_row(label: str, model_dir: Path, rank: int, work: Path) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     state = {"step": 1, "consumed": 8, "total_steps": 2, "global_batch": 8, "world_size": 1,
              "squeeze_history": [], "identity": {}}
-    out = work / label.replace(" ", "_")
+    out = work / f"{label}_r{rank}"
     t0 = time.perf_counter()
     path = save_checkpoint(out, state, bank, optimizer, scheduler, "", Engine(), 0)
     save_s = time.perf_counter() - t0
@@ -95,16 +100,26 @@ def merge_row(label: str, model_dir: Path, work: Path, shard: str) -> dict:
     bank = build_bank(layer_shapes(meta, select_targets(meta, "all-linear")), 16, 32.0, None, 1.0, 0)
     with torch.no_grad():
         bank.primary.flat.normal_(0, 0.01)
-    adapter = work / f"{label}_adapter"
+    adapter = work / f"{label}_{shard}_adapter"
     save_peft_adapter(bank.primary, adapter, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                               "down_proj"], str(model_dir), {})
     out = subprocess.run([sys.executable, "-c", MEASURE, "--checkpoint", str(adapter), "--out",
-                          str(work / f"{label}_merged"), "--merged", "--shard-size", shard],
+                          str(work / f"{label}_{shard}_merged"), "--merged", "--shard-size", shard],
                          capture_output=True, text=True, check=True).stdout
     seconds, extra_kib = out.split("RESULT")[1].split()
     model_mb = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20
-    return {"model": label, "model_mb": model_mb, "shard": shard, "merge_s": float(seconds),
-            "extra_peak_rss_mb": int(extra_kib) / 1024, "extra_rss_vs_model": int(extra_kib) / 1024 / model_mb}
+    return {"model": label, "model_mb": model_mb, "shard": shard, "largest_tensor_mb": largest_tensor_mb(model_dir),
+            "merge_s": float(seconds), "extra_peak_rss_mb": int(extra_kib) / 1024,
+            "extra_rss_vs_model": int(extra_kib) / 1024 / model_mb}
+
+
+def largest_tensor_mb(model_dir: Path) -> float:
+    sizes = []
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            headers = [f.get_slice(k) for k in f.keys()]
+            sizes += [math.prod(h.get_shape()) * DTYPE_BYTES[h.get_dtype()] for h in headers]
+    return max(sizes) / 2**20
 
 
 def main() -> None:
@@ -115,22 +130,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         checkpoints = [checkpoint_row("SmolLM2-135M", default_model_dir(), 8, work),
-                       checkpoint_row("SmolLM2-135M r64", default_model_dir(), 64, work),
+                       checkpoint_row("SmolLM2-135M", default_model_dir(), 64, work),
                        checkpoint_row("Llama-2-7B", HERE / "model_configs" / "llama-2-7b", 16, work)]
-        merges = [merge_row("SmolLM2-135M", default_model_dir(), work, "128MB")]
+        merges = [merge_row("SmolLM2-135M", default_model_dir(), work, shard) for shard in ("64MB", "256MB")]
         if not args.skip_1b:
             random_llama(work / "llama-1.1b", LLAMA_1B)
-            merges.append(merge_row("Llama-1.1B-random", work / "llama-1.1b", work, "512MB"))
+            merges += [merge_row("Llama-1.1B-random", work / "llama-1.1b", work, shard) for shard in ("64MB", "512MB")]
     Path(args.out).write_text(json.dumps({"checkpoints": checkpoints, "merges": merges}, indent=2))
     print("| model | rank | adapter (MiB, primary+aux fp32) | checkpoint (MiB) | size / adapter | save (s) | load (s) |")
     print("|---|---|---|---|---|---|---|")
     for r in checkpoints:
         print(f"| {r['model']} | {r['rank']} | {r['adapter_mb']:.1f} | {r['checkpoint_mb']:.1f} | "
               f"{r['size_vs_adapter']:.2f} | {r['save_s']:.2f} | {r['load_s']:.2f} |")
-    print("\n| merged model | weights (MiB) | shard size | merge (s) | extra peak RSS (MiB) | extra RSS / model |")
-    print("|---|---|---|---|---|---|")
+    print("\n| merged model | weights (MiB) | largest tensor (MiB) | shard size | merge (s) | extra peak RSS (MiB) "
+          "| extra RSS / model |")
+    print("|---|---|---|---|---|---|---|")
     for r in merges:
-        print(f"| {r['model']} | {r['model_mb']:.0f} | {r['shard']} | {r['merge_s']:.1f} | "
+        print(f"| {r['model']} | {r['model_mb']:.0f} | {r['largest_tensor_mb']:.0f} | {r['shard']} | {r['merge_s']:.1f} | "
               f"{r['extra_peak_rss_mb']:.0f} | {r['extra_rss_vs_model']:.2f} |")
     print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB",
           file=sys.stderr)

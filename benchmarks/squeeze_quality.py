@@ -29,8 +29,10 @@ def configs(source: int, target: int, steps: int) -> dict[str, list[str]]:
     return {
         f"direct r{target}": ["--rank", str(target), "--alpha", str(2 * target)],
         f"post {source}->{target}": squeeze + ["--squeeze", f"post:{source}->{target}"],
-        f"cont {source}->{target} reset": squeeze + ["--squeeze", f"cont:{source}->{target}@{steps // 2}"],
-        f"in {source}->{target}/3 reset": squeeze + ["--squeeze", f"in:{source}->{target}/3"],
+        f"cont {source}->{target} reset": squeeze + ["--squeeze", f"cont:{source}->{target}@{steps // 2}",
+                                                     "--squeeze-optimizer", "reset"],
+        f"in {source}->{target}/3 reset": squeeze + ["--squeeze", f"in:{source}->{target}/3",
+                                                     "--squeeze-optimizer", "reset"],
         f"in {source}->{target}/3 project": squeeze + ["--squeeze", f"in:{source}->{target}/3",
                                                        "--squeeze-optimizer", "project"],
     }

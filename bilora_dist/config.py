@@ -52,7 +52,7 @@ class TrainConfig:
     squeeze: str = _opt("", "rank compression: post:R->K, cont:R->K@STEP or in:R->K/STAGES (R = --rank)")
     squeeze_min_stage: int = _opt(20, "fewest optimizer steps a squeeze stage may last")
     squeeze_ranks: str = _opt("geometric", "ranks of the in-training stages", choices=("geometric", "linear"))
-    squeeze_optimizer: str = _opt("reset", "AdamW moments across a compression: reset, or project into the new basis",
+    squeeze_optimizer: str = _opt("project", "AdamW moments across a compression: reset, or project into the new basis",
                                   choices=("reset", "project"))
     squeeze_aux: bool = _opt(False, "Bi-LoRA: squeeze the auxiliary too (default: it keeps its rank)")
     engine: str = _opt("auto", "what shards the frozen base", choices=ENGINES)

@@ -116,7 +116,7 @@ def export_main(argv: list[str]) -> None:
         if not base or not Path(base).is_dir():
             raise UserError(f"--merged needs the base model directory; '{base}' is not one (pass --model DIR)")
         counts = merge_into_base(Path(base), branch, args.out, shard_bytes)
-        print(f"merged {counts['merged_layers']} layers into {base}: {counts['tensors']} tensors, "
+        print(f"merged {counts['merged_layers']} layers with the base {base}: {counts['tensors']} tensors, "
               f"{counts['shards']} shard(s), {counts['bytes'] / 2**20:.1f} MiB; {time.perf_counter() - start:.1f} s")
     else:
         save_peft_adapter(branch, args.out, source.target_modules, base,

@@ -2,15 +2,16 @@
 
 The base is read one tensor at a time (each file opened only for that tensor, so no mapping grows
 with the model) and written in shards of at most `shard_bytes`; peak memory is about one shard plus
-one tensor, whatever the model size. Adapted layers are folded in fp32 and cast back to the base
-dtype. A model with tied input/output embeddings whose head is adapted gets an untied head. Bases are
-read from their full-precision files, so a run trained on a 4-bit base merges into the original
-weights (dequantised values are never needed).
+twice the largest tensor (its copy and its mapped file pages), whatever the model size. Adapted layers
+are folded in fp32 and cast back to the base dtype. A model with tied input/output embeddings whose
+head is adapted gets an untied head. Bases are read from their full-precision files, so a run trained
+on a 4-bit base merges into the original weights (dequantised values are never needed).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,10 +25,10 @@ from bilora_dist.adapters.bank import Branch
 from bilora_dist.errors import UserError
 from bilora_dist.modeling import build_on_meta, safetensors_index
 
+DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
 
-def _read(file: Path, key: str) -> torch.Tensor:
-    with safe_open(str(file), framework="pt") as f:
-        return f.get_tensor(key)
+
 
 
 class _ShardWriter:
@@ -39,12 +40,14 @@ class _ShardWriter:
         self.pending_bytes = 0
         self.shards: list[list[str]] = []
 
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
+    def make_room(self, size: int) -> None:
+        """Write the pending shard if a tensor of `size` bytes would take it past `shard_bytes`."""
         if self.pending and self.pending_bytes + size > self.shard_bytes:
             self._flush()
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
         self.pending[key] = tensor.contiguous()
-        self.pending_bytes += size
+        self.pending_bytes += tensor.numel() * tensor.element_size()
 
     def _flush(self) -> None:
         save_file(self.pending, str(self.directory / f"shard-{len(self.shards)}.tmp"), metadata={"format": "pt"})
@@ -68,6 +71,15 @@ class _ShardWriter:
             (self.directory / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         return total
+
+
+def _read(file: Path, key: str, writer: _ShardWriter) -> torch.Tensor:
+    """One tensor of `file`; the writer first flushes a shard the tensor would overflow, so the pending
+    shard, the tensor and its mapped file pages are never all at their largest at once."""
+    with safe_open(str(file), framework="pt") as f:
+        header = f.get_slice(key)
+        writer.make_room(math.prod(header.get_shape()) * DTYPE_BYTES[header.get_dtype()])
+        return f.get_tensor(key)
 
 
 def merge_into_base(model_dir: Path, branch: Branch, out_dir: Path, shard_bytes: int) -> dict[str, int]:
@@ -96,7 +108,7 @@ def merge_into_base(model_dir: Path, branch: Branch, out_dir: Path, shard_bytes:
         order = sorted(sources, key=lambda k: (str(sources[k]), k))
         with torch.no_grad():
             for key in tqdm(order, desc="merge", unit="tensor", dynamic_ncols=True):
-                tensor = _read(sources[key], embed_key if key == head_key and key not in index else key)
+                tensor = _read(sources[key], embed_key if key == head_key and key not in index else key, writer)
                 if key in layers:
                     A, B = branch.factors(layers[key])
                     scale = branch.scales[layers[key]]
