@@ -4,8 +4,9 @@ The base is read one tensor at a time (each file opened only for that tensor, so
 with the model) and written in shards of at most `shard_bytes`; peak memory is about one shard plus
 twice the largest tensor (its copy and its mapped file pages), whatever the model size. Adapted layers
 are folded in fp32 and cast back to the base dtype. A model with tied input/output embeddings whose
-head is adapted gets an untied head. Bases are read from their full-precision files, so a run trained
-on a 4-bit base merges into the original weights (dequantised values are never needed).
+head is adapted gets an untied head. A base saved pre-quantised by bitsandbytes (4-bit NF4/FP4) has
+every 4-bit weight dequantised to the dtype it was quantised from, adapted or not, so the result is
+one plain model without a quantization_config.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from bilora_dist.modeling import build_on_meta, safetensors_index
 
 DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
                 "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+_QUANT_STATE = ".quant_state.bitsandbytes__"  # marks a bitsandbytes 4-bit weight's serialised state
 
 
 
@@ -82,6 +84,29 @@ def _read(file: Path, key: str, writer: _ShardWriter) -> torch.Tensor:
         return f.get_tensor(key)
 
 
+def _quantized_weights(index: dict[str, Path]) -> dict[str, list[str]]:
+    """The 4-bit bitsandbytes weights of a pre-quantised base: packed weight key -> its quant-state keys."""
+    packed = {k.split(_QUANT_STATE)[0] for k in index if _QUANT_STATE in k}
+    return {k: [c for c in index if c.startswith(k + ".")] for k in packed}
+
+
+def _read_dequantized(index: dict[str, Path], key: str, state_keys: list[str], writer: _ShardWriter) -> torch.Tensor:
+    """A 4-bit weight dequantised by bitsandbytes to the dtype it was quantised from."""
+    try:
+        from bitsandbytes.functional import QuantState, dequantize_4bit
+    except ImportError:
+        raise UserError(f"--merged: the base holds 4-bit weights ({key}); install bitsandbytes "
+                        "(pip install 'bilora_dist[quant]') to dequantise them") from None
+    parts = {}
+    for name in state_keys:
+        with safe_open(str(index[name]), framework="pt") as f:
+            parts[name[len(key) + 1:]] = f.get_tensor(name)
+    state = QuantState.from_dict(parts, device=torch.device("cpu"))
+    writer.make_room(math.prod(state.shape) * state.dtype.itemsize)
+    with safe_open(str(index[key]), framework="pt") as f:
+        return dequantize_4bit(f.get_tensor(key), state)
+
+
 def merge_into_base(model_dir: Path, branch: Branch, out_dir: Path, shard_bytes: int) -> dict[str, int]:
     """Write the merged model (weights, config, tokenizer and the other non-weight files of `model_dir`)
     to `out_dir`, which appears complete or not at all. Returns counts for the report."""
@@ -93,8 +118,10 @@ def merge_into_base(model_dir: Path, branch: Branch, out_dir: Path, shard_bytes:
     head = meta.get_output_embeddings()
     head_key = names[head] + ".weight" if head is not None else None
     layers = {shape.name + ".weight": i for i, shape in enumerate(branch.shapes)}
+    quantized = _quantized_weights(index)
+    state_keys = {k for keys in quantized.values() for k in keys}
+    sources = {k: f for k, f in index.items() if k not in state_keys}
     # a tied head absent from the files is read from the embedding when it is adapted
-    sources = dict(index)
     if head_key in layers and head_key not in sources:
         sources[head_key] = index[embed_key]
     missing = sorted(k[:-len(".weight")] for k in layers if k not in sources)
@@ -108,7 +135,10 @@ def merge_into_base(model_dir: Path, branch: Branch, out_dir: Path, shard_bytes:
         order = sorted(sources, key=lambda k: (str(sources[k]), k))
         with torch.no_grad():
             for key in tqdm(order, desc="merge", unit="tensor", dynamic_ncols=True):
-                tensor = _read(sources[key], embed_key if key == head_key and key not in index else key, writer)
+                if key in quantized:
+                    tensor = _read_dequantized(index, key, quantized[key], writer)
+                else:
+                    tensor = _read(sources[key], embed_key if key == head_key and key not in index else key, writer)
                 if key in layers:
                     A, B = branch.factors(layers[key])
                     scale = branch.scales[layers[key]]
@@ -119,6 +149,8 @@ def merge_into_base(model_dir: Path, branch: Branch, out_dir: Path, shard_bytes:
         config = json.loads((model_dir / "config.json").read_text())
         if head_key in layers and config.get("tie_word_embeddings", False):
             config["tie_word_embeddings"] = False  # the head now differs from the embedding
+        if quantized:
+            config.pop("quantization_config", None)  # every 4-bit weight was written dequantised
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for file in model_dir.iterdir():
             if file.is_file() and file.suffix != ".safetensors" and file.name not in (

@@ -17,7 +17,10 @@ from transformers import AutoModelForCausalLM
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.checkpoint import load_checkpoint, restore_bank
 from bilora_dist.embedded import default_model_dir
+from bilora_dist.adapters.bank import Branch
+from bilora_dist.cli import run_cli
 from bilora_dist.export import save_peft_adapter
+from bilora_dist.export_cli import export_main
 from test_distributed import launcher, run_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +119,76 @@ def test_merging_an_adapted_tied_head_unties_it(tiny_model_dir, tmp_path):
         torch.testing.assert_close(merged(**inputs()).logits, want, rtol=0, atol=1e-4)
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         torch.testing.assert_close(merged.model.embed_tokens.weight, base.model.embed_tokens.weight, rtol=0, atol=0)
+
+
+
+@pytest.fixture(scope="module")
+def q4_base(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """A small Llama saved pre-quantised by bitsandbytes (NF4, double quantisation), and the loaded model."""
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("q4")
+    torch.manual_seed(0)  # widths of 32+ for bitsandbytes' CPU 4-bit kernel
+    LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(path / "fp")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    q4 = AutoModelForCausalLM.from_pretrained(path / "fp", quantization_config=quant, device_map="cpu")
+    q4.save_pretrained(path / "q4")
+    return path / "q4", q4
+
+
+def attention_adapter(q4: torch.nn.Module, base: Path, out: Path) -> tuple[list[str], list[str], Branch]:
+    """A random adapter on the attention projections; the MLP stays 4-bit-only. Returns (4-bit layers,
+    adapted layers, primary branch)."""
+    names = select_targets(q4, "all-linear")
+    adapted = [n for n in names if ".self_attn." in n]
+    assert len(names) == 14 and len(adapted) == 8
+    bank = build_bank(layer_shapes(q4, adapted), 4, 8.0, None, 1.0, 0)
+    with torch.no_grad():
+        bank.primary.flat.normal_(0, 0.05)
+    save_peft_adapter(bank.primary, out, ["q_proj", "k_proj", "v_proj", "o_proj"], str(base), {})
+    return names, adapted, bank.primary
+
+
+def test_merge_into_a_4bit_base_dequantises_every_4bit_weight(q4_base, tmp_path):
+    """Every 4-bit weight comes out as bitsandbytes' own dequantisation of the loaded layer, plus s·BA where
+    adapted, and the merged model has no quantization_config."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    base, q4 = q4_base
+    names, adapted, primary = attention_adapter(q4, base, tmp_path / "adapter")
+    export("--checkpoint", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"), "--merged")
+
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert not [k for k in merged if "absmax" in k or "quant" in k]
+    modules = dict(q4.named_modules())
+    for name in names:
+        weight = modules[name].weight
+        want = dequantize_4bit(weight.data, weight.quant_state)
+        if name in adapted:
+            A, B = primary.factors(adapted.index(name))
+            want = want + 2.0 * B @ A
+        torch.testing.assert_close(merged[name + ".weight"], want, rtol=0, atol=1e-6)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        fresh = AutoModelForCausalLM.from_pretrained(base, device_map="cpu")  # PEFT wraps its base in place
+        peft = PeftModel.from_pretrained(fresh, tmp_path / "adapter")(**inputs()).logits
+        # bitsandbytes' CPU 4-bit matmul rounds differently from a dense matmul of its own dequantisation
+        torch.testing.assert_close(model(**inputs()).logits, peft, rtol=0, atol=2e-2)
+
+
+def test_merge_into_a_4bit_base_without_bitsandbytes_is_one_clear_error(q4_base, tmp_path, monkeypatch, capsys):
+    base, q4 = q4_base
+    attention_adapter(q4, base, tmp_path / "adapter")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if the quant extra were not installed
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    code = run_cli(export_main, ["--checkpoint", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"),
+                                 "--merged"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and "4-bit weights" in err[-1] and "install bitsandbytes" in err[-1], err
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged-*"))
 
 
 MEASURE = """
