@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 
 from bilora_dist.errors import UserError
 
+# bitsandbytes (the quant extra) warns on import, on CPUs with AVX512-BF16, that an optional kernel
+# package is missing; its CPU path works without it, and the line would sit in front of every message
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
 
 def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) -> int:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         main(sys.argv[1:] if argv is None else argv)
     except UserError as exc:

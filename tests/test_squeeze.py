@@ -75,6 +75,19 @@ def test_squeeze_branch_reproduces_truncated_dense_delta_and_keeps_scale():
         torch.testing.assert_close(B.norm(dim=0), A.norm(dim=1), rtol=1e-5, atol=1e-6)
 
 
+def test_keep_alpha_policy_moves_the_scale_into_s_and_keeps_the_delta():
+    gen = torch.Generator().manual_seed(5)
+    shapes = [LayerShape("a", 40, 32), LayerShape("b", 24, 48)]
+    pairs = [decaying_factors(s.out_features, s.in_features, 10, gen, dtype=torch.float32) for s in shapes]
+    branch = Branch.from_factors(shapes, pairs, [2.0, 0.5])
+    new, _ = squeeze_branch(branch, 4, keep_alpha=True)
+    assert new.scales == pytest.approx([2.0 * 10 / 4, 0.5 * 10 / 4])  # alpha' = s'·k = s·r = alpha
+    for i in range(2):
+        M = dense(*[t.double() for t in pairs[i]], branch.scales[i])
+        A, B = new.factors(i)
+        assert float((dense(A.double(), B.double(), new.scales[i]) - truncated(M, 4)).norm() / M.norm()) < 1e-6
+
+
 def test_squeeze_to_the_same_rank_is_the_identity_on_each_layer():
     gen = torch.Generator().manual_seed(2)
     shapes = [LayerShape("a", 24, 16), LayerShape("b", 24, 16), LayerShape("c", 16, 40)]
@@ -157,6 +170,17 @@ def test_cli_squeezed_adapter_loads_in_peft_with_the_truncated_delta(tiny_model_
         S = torch.linalg.svdvals(deltas[name])
         assert float(S[:k].square().sum() / S.square().sum()) >= 0.999 or k == 3
     assert max(ranks) <= 3
+    # keeping alpha instead of the scale: same deltas, lora_alpha unchanged
+    proc = subprocess.run([sys.executable, "launch/squeeze.py", "--adapter", str(src), "--rank", "3", "--out",
+                           str(tmp_path / "keep-alpha"), "--alpha-policy", "keep-alpha"], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "keep-alpha" / "adapter_config.json").read_text())["lora_alpha"] == alpha
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                           str(tmp_path / "keep-alpha"))
+    for name in names:
+        got = peft_model.base_model.model.get_submodule(name).get_delta_weight("default").double()
+        assert float((got - truncated(deltas[name], 3)).norm() / deltas[name].norm()) < 1e-5
     # a second squeeze onto an existing directory is refused and leaves it intact
     before = (out / "adapter_model.safetensors").read_bytes()
     proc = subprocess.run([sys.executable, "launch/squeeze.py", "--adapter", str(src), "--rank", "2", "--out",

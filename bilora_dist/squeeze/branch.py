@@ -40,10 +40,11 @@ def assign_layers(branch: Branch, world: int) -> list[int]:
     return owner
 
 
-def squeeze_branch(branch: Branch, rank: int, energy: float | None = None,
-                   engine: Engine | None = None) -> tuple[Branch, list[LayerReport]]:
+def squeeze_branch(branch: Branch, rank: int, energy: float | None = None, engine: Engine | None = None,
+                   keep_alpha: bool = False) -> tuple[Branch, list[LayerReport]]:
     """A new branch with every layer's s·BA truncated to `rank` (or, with `energy`, to the smallest rank
-    keeping that fraction of ||ΔW||², at most `rank`). The scale s of each layer is kept (alpha' = alpha·k/r)."""
+    keeping that fraction of ||ΔW||², at most `rank`). Each layer keeps its scale s (alpha' = alpha·k/r), or
+    with `keep_alpha` its alpha (s' = alpha/k); the factors absorb the difference, ΔW' is the same."""
     engine = engine or Engine()
     if rank < 1 or rank > max(branch.ranks):
         raise UserError(f"squeeze: target rank {rank} must be between 1 and the current rank {max(branch.ranks)}")
@@ -68,12 +69,13 @@ def squeeze_branch(branch: Branch, rank: int, energy: float | None = None,
             new_ranks = caps
         else:
             new_ranks = [min(k, cap) for k, cap in zip(energy_rank(singular, energy, width), caps)]
-        new = Branch(branch.shapes, new_ranks, branch.scales,
+        scales = [s * r / k if keep_alpha else s for s, r, k in zip(branch.scales, branch.ranks, new_ranks)]
+        new = Branch(branch.shapes, new_ranks, scales,
                      torch.zeros(sum(k * (s.in_features + s.out_features) for s, k in zip(branch.shapes, new_ranks)),
                                  dtype=branch.flat.dtype, device=branch.flat.device))
         for layer, (U, S, V) in spectra.items():
             k = new_ranks[layer]
-            A, B = balanced_factors(U[:, :k], S[:k], V[:, :k], branch.scales[layer])
+            A, B = balanced_factors(U[:, :k], S[:k], V[:, :k], scales[layer])
             dst_A, dst_B = new.factors(layer)
             dst_A.copy_(A)
             dst_B.copy_(B)

@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, required=True, help="target rank (the cap, with --energy)")
     p.add_argument("--out", type=Path, required=True, help="new adapter directory (must not exist)")
     p.add_argument("--energy", type=float, help="per-layer rank: smallest keeping this fraction of ||dW||^2")
+    p.add_argument("--alpha-policy", choices=("keep-scale", "keep-alpha"), default="keep-scale",
+                   help="--adapter: keep each layer's scale alpha/r (alpha' = alpha*k/r) or its alpha (s' = alpha/k)")
     p.add_argument("--target-modules", default=DELTA_TARGETS, help="--delta: regex on module names")
     p.add_argument("--oversample", type=int, default=10, help="--delta: RSVD oversampling p")
     p.add_argument("--power-iters", type=int, default=2, help="--delta: RSVD power iterations q")
@@ -47,7 +49,8 @@ def squeeze_main(argv: list[str]) -> None:
     start = time.perf_counter()
     if args.adapter is not None:
         branch, config = read_peft_adapter(args.adapter)
-        new, reports = squeeze_branch(branch, min(args.rank, max(branch.ranks)), args.energy)
+        new, reports = squeeze_branch(branch, min(args.rank, max(branch.ranks)), args.energy,
+                                      keep_alpha=args.alpha_policy == "keep-alpha")
         targets, base_model = config.get("target_modules"), config.get("base_model_name_or_path", "")
         source = {"adapter": str(args.adapter), "ranks": sorted(set(branch.ranks))}
         old = {}
@@ -60,7 +63,7 @@ def squeeze_main(argv: list[str]) -> None:
         targets = sorted({s.name.rsplit(".", 1)[-1] for s in new.shapes})
         base_model, source = str(args.delta[0]), {"delta": [str(p) for p in args.delta]}
     history = old.get("squeeze_history", []) + [{"mode": "posthoc", "rank": args.rank, "energy": args.energy,
-                                                 "source": source}]
+                                                 "alpha_policy": args.alpha_policy, "source": source}]
     provenance = {**old, "squeeze_history": history,
                   "layers": [r.__dict__ for r in reports] if reports else None}
     save_peft_adapter(new, args.out, targets, base_model, provenance)
