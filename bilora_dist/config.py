@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from bilora_dist.ds_config import merge_into, read_ds_config
+from bilora_dist.cli import OneLineParser
 from bilora_dist.errors import UserError
 
 METHODS = ("lora", "bilora", "lora-sam")
@@ -112,13 +113,8 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
-        raise UserError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="launch/train.py", description="Bi-LoRA / LoRA / LoRA-SAM fine-tuning",
+    parser = OneLineParser(prog="launch/train.py", description="Bi-LoRA / LoRA / LoRA-SAM fine-tuning",
                      argument_default=argparse.SUPPRESS, allow_abbrev=False)
     for f in fields(TrainConfig):
         kwargs: dict[str, Any] = {"help": f.metadata["help"], "dest": f.name}

@@ -17,11 +17,12 @@ import yaml
 from bilora_dist.adapters.bank import Branch
 from bilora_dist.adapters.inject import peft_target_modules
 from bilora_dist.checkpoint import MANIFEST, checkpoints_dir, find_checkpoint, load_checkpoint, verify
+from bilora_dist.cli import OneLineParser
 from bilora_dist.errors import UserError
 from bilora_dist.export import PROVENANCE_FILE, save_peft_adapter
 from bilora_dist.merge import merge_into_base
 from bilora_dist.modeling import resolve_model
-from bilora_dist.squeeze.branch import squeeze_branch
+from bilora_dist.squeeze.branch import kept_energy_summary, squeeze_branch
 from bilora_dist.squeeze.peft_io import read_peft_adapter
 
 
@@ -33,13 +34,8 @@ class ExportSource:
     provenance: dict[str, Any]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
-        raise UserError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="launch/export.py", description=__doc__)
+    p = OneLineParser(prog="launch/export.py", description=__doc__)
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="checkpoints/step_N, a training output dir (its adapter, else newest checkpoint), or an adapter")
     p.add_argument("--out", type=Path, required=True, help="directory to write (must not exist)")
@@ -107,10 +103,9 @@ def export_main(argv: list[str]) -> None:
     history = list(source.provenance.get("squeeze_history") or [])
     if args.rank is not None and args.rank < max(branch.ranks):
         branch, reports = squeeze_branch(branch, args.rank)
-        kept = [r.kept_energy for r in reports]
-        history.append({"mode": "export", "rank": args.rank, "kept_energy_mean": sum(kept) / len(kept),
-                        "kept_energy_min": min(kept)})
-        print(f"squeezed {len(reports)} layers to rank {args.rank}; kept energy min {min(kept):.4f}")
+        kept = kept_energy_summary(reports)
+        history.append({"mode": "export", "rank": args.rank, **kept})
+        print(f"squeezed {len(reports)} layers to rank {args.rank}; kept energy min {kept['kept_energy_min']:.4f}")
     base = args.model or source.base_model
     if args.merged:
         if not base or not Path(base).is_dir():

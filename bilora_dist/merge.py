@@ -31,8 +31,6 @@ DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16"
 _QUANT_STATE = ".quant_state.bitsandbytes__"  # marks a bitsandbytes 4-bit weight's serialised state
 
 
-
-
 class _ShardWriter:
     """Collects tensors and writes a shard whenever the next tensor would pass `shard_bytes`."""
 

@@ -34,6 +34,7 @@ from bilora_dist.memory_plan import DEFAULT_PERSISTENCE_THRESHOLD, format_plan, 
 from bilora_dist.metrics import MetricsLog, truncate_metrics
 from bilora_dist.modeling import build_on_meta, load_config, load_tokenizer, resolve_model
 from bilora_dist.preemption import StopRequest
+from bilora_dist.squeeze.branch import kept_energy_summary
 from bilora_dist.squeeze.schedule import apply_rank_change, parse_squeeze
 
 _SCHEDULER_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -203,7 +204,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
     def save(step: int) -> Path:
         state = {"step": step, "consumed": plan.consumed(step), "total_steps": total_steps,
                  "global_batch": global_batch, "world_size": engine.world_size, "squeeze_history": squeeze_history,
-                 "primary_ranks": sorted(set(bank.primary.ranks)), "identity": run_identity(cfg)}
+                 "identity": run_identity(cfg)}
         return save_checkpoint(out, state, bank, optimizer, scheduler, cfg.to_yaml(), engine, cfg.keep_last)
 
     before = None if checkpoint else run_eval(0)
@@ -226,9 +227,8 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
             reports = apply_rank_change(bank, squeeze_at[step + 1], optimizer, engine, cfg.squeeze_optimizer,
                                         cfg.squeeze_aux)
             step_fn.rebind()
-            kept = [r.kept_energy for r in reports]
             event = {"step": step + 1, "mode": schedule.mode, "rank": squeeze_at[step + 1],
-                     "kept_energy_mean": sum(kept) / len(kept), "kept_energy_min": min(kept)}
+                     **kept_energy_summary(reports)}
             squeeze_history.append(event)
             row.update(squeeze_rank=event["rank"], kept_energy=event["kept_energy_mean"],
                        kept_energy_min=event["kept_energy_min"])

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from bilora_dist.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, verify
 from test_distributed import launcher, read_metrics, run_env, step_rows
+from tests_support import checkpoint_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, SAVE_AT = 8, 4
@@ -131,8 +132,6 @@ checkpoint_fixture(out, step=2)
 
 
 def test_sigkill_mid_write_leaves_the_previous_checkpoint(tmp_path):
-    from tests_support import checkpoint_fixture
-
     checkpoint_fixture(tmp_path, step=1)
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path)], cwd=ROOT / "tests", env=run_env())
     deadline = time.time() + 120
@@ -150,8 +149,6 @@ def test_sigkill_mid_write_leaves_the_previous_checkpoint(tmp_path):
 
 
 def test_corrupted_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
-    from tests_support import checkpoint_fixture
-
     checkpoint_fixture(tmp_path, step=1)
     checkpoint_fixture(tmp_path, step=2)
     weights = tmp_path / "checkpoints" / "step_2" / "adapters.safetensors"
@@ -165,8 +162,6 @@ def test_corrupted_newest_checkpoint_is_skipped_with_a_warning(tmp_path):
 
 
 def test_keep_last_prunes_older_checkpoints(tmp_path):
-    from tests_support import checkpoint_fixture
-
     for step in (1, 2, 3):
         checkpoint_fixture(tmp_path, step=step, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_3", "step_2"]
@@ -219,8 +214,6 @@ def test_unsupported_checkpoint_and_resume_errors(saved_run, tmp_path, module_da
 
 
 def test_checkpoint_round_trip_in_process(tmp_path):
-    from tests_support import checkpoint_fixture
-
     bank, optimizer = checkpoint_fixture(tmp_path, step=5, return_state=True)
     loaded = load_checkpoint(tmp_path / "checkpoints" / "step_5")
     assert torch.equal(loaded.branches["primary"].flat, bank.primary.flat)

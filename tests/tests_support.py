@@ -1,8 +1,12 @@
 """Helpers shared by tests and the worker scripts they launch."""
 
+from pathlib import Path
+
 import torch
 
-from bilora_dist.adapters.bank import Branch, LayerShape
+from bilora_dist.adapters.bank import AdapterBank, Branch, LayerShape
+from bilora_dist.checkpoint import save_checkpoint
+from bilora_dist.engines.base import Engine
 
 
 def random_branch(seed: int = 7) -> Branch:
@@ -14,10 +18,8 @@ def random_branch(seed: int = 7) -> Branch:
     return Branch.from_factors(shapes, pairs, [2.0] * len(shapes))
 
 
-def fixture_bank():
+def fixture_bank() -> AdapterBank:
     """A Bi-LoRA bank over three small layers with random primary and auxiliary factors."""
-    from bilora_dist.adapters.bank import AdapterBank
-
     shapes = [LayerShape(f"l{i}", 12, 10) for i in range(3)]
     gen = torch.Generator().manual_seed(3)
     primary = Branch(shapes, [4] * 3, [2.0] * 3, torch.randn(3 * 4 * 22, generator=gen))
@@ -27,11 +29,6 @@ def fixture_bank():
 
 def checkpoint_fixture(out, step: int, keep_last: int = 0, return_state: bool = False):
     """Save a checkpoint of a fixture bank after one AdamW step, as the trainer would at `step`."""
-    from pathlib import Path
-
-    from bilora_dist.checkpoint import save_checkpoint
-    from bilora_dist.engines.base import Engine
-
     bank = fixture_bank()
     optimizer = torch.optim.AdamW([bank.primary.flat, bank.aux.flat], lr=1e-2)
     bank.primary.flat.grad = torch.ones_like(bank.primary.flat)

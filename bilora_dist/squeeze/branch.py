@@ -28,6 +28,12 @@ class LayerReport:
     kept_energy: float
 
 
+def kept_energy_summary(reports: list[LayerReport]) -> dict[str, float]:
+    """Mean and smallest kept energy over the layers of one compression, as histories and metrics record it."""
+    kept = [r.kept_energy for r in reports]
+    return {"kept_energy_mean": sum(kept) / len(kept), "kept_energy_min": min(kept)}
+
+
 def assign_layers(branch: Branch, world: int) -> list[int]:
     """Owner rank of every layer: longest-processing-time greedy on the cost (m + n)·r²."""
     cost = [(s.in_features + s.out_features) * r * r for s, r in zip(branch.shapes, branch.ranks)]

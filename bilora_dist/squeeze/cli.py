@@ -8,21 +8,17 @@ import re
 import time
 from pathlib import Path
 
+from bilora_dist.cli import OneLineParser
 from bilora_dist.errors import UserError
 from bilora_dist.export import PROVENANCE_FILE, save_peft_adapter
-from bilora_dist.squeeze.branch import squeeze_branch
+from bilora_dist.squeeze.branch import kept_energy_summary, squeeze_branch
 from bilora_dist.squeeze.peft_io import extract_lora_from_delta, read_peft_adapter
 
 DELTA_TARGETS = r"\.layers\.\d+\..*(proj|fc\d?|dense|query|key|value)$"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
-        raise UserError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="launch/squeeze.py", description=__doc__)
+    p = OneLineParser(prog="launch/squeeze.py", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--adapter", type=Path, help="PEFT LoRA adapter directory to compress")
     src.add_argument("--delta", nargs=2, type=Path, metavar=("BASE", "FINETUNED"),
@@ -68,9 +64,10 @@ def squeeze_main(argv: list[str]) -> None:
                   "layers": [r.__dict__ for r in reports] if reports else None}
     save_peft_adapter(new, args.out, targets, base_model, provenance)
     if reports:
-        kept = [r.kept_energy for r in reports]
+        kept = kept_energy_summary(reports)
         print(f"squeezed {len(reports)} layers to ranks {min(new.ranks)}-{max(new.ranks)}; kept energy "
-              f"min {min(kept):.4f}, mean {sum(kept) / len(kept):.4f}; {time.perf_counter() - start:.2f} s")
+              f"min {kept['kept_energy_min']:.4f}, mean {kept['kept_energy_mean']:.4f}; "
+              f"{time.perf_counter() - start:.2f} s")
     else:
         print(f"extracted a rank-{args.rank} LoRA of {len(new.shapes)} layers; {time.perf_counter() - start:.2f} s")
     print(f"adapter written to {args.out}")
