@@ -194,6 +194,15 @@ def check_compatible(state: dict[str, Any], identity: dict[str, Any], path: Path
                             f"{flag} {now!r}; resume with the same settings or start a new --output-dir")
 
 
+def check_step_budget(state: dict[str, Any], total_steps: int, path: Path) -> None:
+    """Refuse to resume into another step budget: the learning-rate schedule spans the run's steps, so a
+    longer or shorter run would switch schedules midway."""
+    if state["total_steps"] != total_steps:
+        raise UserError(f"--resume {path}: the checkpoint's run has {state['total_steps']} steps (its learning-rate "
+                        f"schedule spans them) but this run has {total_steps} (from --max-steps/--epochs and the "
+                        "global batch); resume with the same budget or start a new --output-dir")
+
+
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read a verified checkpoint directory."""
     path = Path(path)

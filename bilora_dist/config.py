@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import yaml
 
 from bilora_dist.ds_config import merge_into, read_ds_config
 from bilora_dist.cli import OneLineParser
-from bilora_dist.errors import UserError
+from bilora_dist.errors import UserError, unknown_key_message
 
 METHODS = ("lora", "bilora", "lora-sam")
 ENGINES = ("auto", "single", "deepspeed", "fsdp")
@@ -95,11 +96,14 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
     if cfg.method == "bilora" and cfg.aux_rank < 1:
         raise UserError(f"--aux-rank must be >= 1, got {cfg.aux_rank}")
-    if cfg.rho is not None and cfg.rho < 0:
+    if cfg.rho is not None and not cfg.rho >= 0:
         raise UserError(f"--rho must be >= 0, got {cfg.rho}")
+    if not cfg.aux_scale > 0:
+        raise UserError(f"--aux-scale must be > 0, got {cfg.aux_scale} (it scales Bi-LoRA's auxiliary branch; "
+                        "--method lora trains without one)")
     if cfg.alpha <= 0:
         raise UserError(f"--alpha must be > 0, got {cfg.alpha}")
-    if not cfg.lr > 0:
+    if not 0 < cfg.lr < math.inf:
         raise UserError(f"--lr must be > 0, got {cfg.lr}")
     if not 0 <= cfg.warmup_ratio < 1:
         raise UserError(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
@@ -130,7 +134,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _yaml_value(kind: str, value: Any) -> Any:
+    """A YAML value checked (and, for numbers written as strings such as `1e-4`, converted) to the field's type."""
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (str, int)) and str(value).lower() in _TRUE + _FALSE:
+            return str(value).lower() in _TRUE
+        raise ValueError(f"expected true or false, got {value!r}")
+    if kind == "float | None" and value is None:
+        return None
+    if kind in ("int", "float", "float | None"):
+        number: Any = value
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                number = float(value) if kind != "int" else int(value)
+            except ValueError:
+                raise ValueError(f"expected {'an integer' if kind == 'int' else 'a number'}, got {value!r}") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or (
+                kind == "int" and isinstance(number, float) and not number.is_integer()):
+            raise ValueError(f"expected {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+        return int(number) if kind == "int" else float(number)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
 def _load_yaml(path: str) -> dict[str, Any]:
+    """The YAML file's values, each checked like its flag (type and choices); one error line per problem."""
     if not Path(path).is_file():
         raise UserError(f"--config: file not found: {path}")
     try:
@@ -140,10 +174,18 @@ def _load_yaml(path: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise UserError(f"--config {path}: expected a mapping of keys to values")
     known = {f.name: f for f in fields(TrainConfig)}
+    checked = {}
     for key, value in values.items():
         if key not in known:
-            raise UserError(f"--config {path}: unknown key '{key}'")
-    return values
+            raise UserError(f"--config {path}: {unknown_key_message(str(key), list(known))}")
+        try:
+            checked[key] = _yaml_value(known[key].type, value)
+        except ValueError as exc:
+            raise UserError(f"--config {path}: {key}: {exc}") from None
+        choices = known[key].metadata.get("choices")
+        if choices and checked[key] not in choices:
+            raise UserError(f"--config {path}: {key}: '{checked[key]}' is not one of {', '.join(choices)}")
+    return checked
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
@@ -152,17 +194,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     given.pop("local_rank", None)
     values = _load_yaml(given["config"]) if given.get("config") else {}
     values.update(given)
-    try:
-        cfg = TrainConfig(**values)
-    except TypeError as exc:
-        raise UserError(f"bad configuration: {exc}") from None
+    cfg = TrainConfig(**values)
     if cfg.ds_config:
         cfg = merge_into(cfg, read_ds_config(cfg.ds_config), cfg.ds_config)
-    for f in fields(TrainConfig):  # YAML values bypass argparse's typing and choices
-        value = getattr(cfg, f.name)
-        if "choices" in f.metadata and value not in f.metadata["choices"]:
-            raise UserError(f"{f.name}: '{value}' is not one of {', '.join(f.metadata['choices'])}")
-        if f.type in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise UserError(f"{f.name}: expected a number, got {value!r}")
     validate(cfg)
     return cfg.resolved()

@@ -1,5 +1,13 @@
 """The one exception type for user mistakes: printed as a single line, never as a traceback."""
 
+import difflib
+
 
 class UserError(Exception):
     """Bad input from the user (flag, file, record, checkpoint). The message names the problem and where."""
+
+
+def unknown_key_message(key: str, known: list[str]) -> str:
+    """"unknown key 'X'" plus the nearest valid key, when one is close."""
+    near = difflib.get_close_matches(key, known, n=1)
+    return f"unknown key '{key}'" + (f" (did you mean '{near[0]}'?)" if near else "")

@@ -20,8 +20,8 @@ from transformers import get_scheduler
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.adapters.bank import AdapterBank
 from bilora_dist.adapters.inject import check_rank, peft_target_modules
-from bilora_dist.checkpoint import (check_compatible, checkpoints_dir, find_checkpoint, load_checkpoint, read_state,
-                                    restore_bank, save_checkpoint, set_rng_state)
+from bilora_dist.checkpoint import (check_compatible, check_step_budget, checkpoints_dir, find_checkpoint,
+                                    load_checkpoint, read_state, restore_bank, save_checkpoint, set_rng_state)
 from bilora_dist.config import TrainConfig
 from bilora_dist.data import BatchPlan, collate, load_records, to_device, tokenize_all
 from bilora_dist.embedded import DEFAULT_EVAL, DEFAULT_TRAIN
@@ -159,6 +159,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
     squeeze_at = dict(schedule.events) if schedule else {}
     checkpoint = load_checkpoint(resume_from) if resume_from else None
     if checkpoint:
+        check_step_budget(checkpoint.state, total_steps, checkpoint.path)
         restore_bank(bank, checkpoint)
     engine.barrier()  # every rank has checked before the main rank starts writing (shared filesystems)
     # every input is valid from here on: only now touch the output directory

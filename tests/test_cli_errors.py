@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from bilora_dist.cli import run_cli, train_main
+from bilora_dist.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +98,37 @@ def test_a_failed_run_leaves_the_saved_run_untouched(capsys, base_args, tmp_path
     resume = _with(base_args, data=str(tmp_path / "gone.jsonl"), resume="auto")
     assert "file not found" in _fail(capsys, resume)
     assert "--method" in _fail(capsys, _with(base_args, method="lora", resume="auto"))  # another run's checkpoint
+    # a longer budget would switch learning-rate schedules midway (step 2 at lr 0, then another curve)
+    longer = _fail(capsys, _with(base_args, max_steps="2", resume="auto"))
+    assert "the checkpoint's run has 1 steps" in longer and "this run has 2" in longer
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()} == digest
+
+
+@pytest.mark.parametrize("text,message", [
+    ("rho: abc\n", "rho: expected a number, got 'abc'"),
+    ("rank: 2.5\n", "rank: expected an integer, got 2.5"),
+    ("bf16: maybe\n", "bf16: expected true or false, got 'maybe'"),
+    ("method: sam\n", "method: 'sam' is not one of lora, bilora, lora-sam"),
+    ("target_modules: 7\n", "target_modules: expected a string, got 7"),
+    ("lerning_rate: 0.1\n", "unknown key 'lerning_rate'"),
+    ("lrr: 0.1\n", "unknown key 'lrr' (did you mean 'lr'?)"),
+    ("rho: -0.5\n", "--rho must be >= 0")])
+def test_yaml_values_are_checked_like_flags(capsys, base_args, tmp_path, text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    assert message in _fail(capsys, base_args + ["--config", str(cfg)])
+
+
+def test_yaml_strings_mean_what_yaml_1_2_says(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-4` as a string and a quoted 'no' as a true-ish string."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("bf16: 'no'\ngradient_checkpointing: 'yes'\nlr: 1e-4\nrank: '4'\nrho: null\n")
+    parsed = parse_config(["--config", str(cfg)])
+    assert (parsed.bf16, parsed.gradient_checkpointing, parsed.lr, parsed.rank, parsed.rho) == (False, True, 1e-4, 4, 0.05)
+
+
+def test_aux_scale_must_be_positive(capsys, base_args):
+    assert "--aux-scale must be > 0" in _fail(capsys, _with(base_args, aux_scale="0"))
 
 
 def test_launcher_prints_one_line_without_traceback(tmp_path):
