@@ -25,7 +25,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
-    from bilora_dist.data import collate, load_records, tokenize_all
+    from bilora_dist.data import collate, prepare_examples
+    from bilora_dist.data.tokenize import TokenizeOptions
     from bilora_dist.embedded import DEFAULT_TRAIN
     from bilora_dist.engines.base import Engine
     from bilora_dist.methods import METHOD_STEPS, build_optimizer
@@ -33,7 +34,8 @@ def worker(args: argparse.Namespace) -> None:
 
     path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)
-    examples = tokenize_all(load_records(str(DEFAULT_TRAIN), "--data"), tokenizer, 256, "--data")
+    examples = list(prepare_examples(str(DEFAULT_TRAIN), "--data", tokenizer, TokenizeOptions(256),
+                                     log=lambda _: None).examples)
     model = load_frozen_model(path)
     bank = build_bank(layer_shapes(model, select_targets(model, "all-linear")), 8, 16.0,
                       8 if args.worker == "bilora" else None, 1.0, seed=0)

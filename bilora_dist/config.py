@@ -30,8 +30,15 @@ class TrainConfig:
     """Every knob of a run. Flag `--foo-bar` and YAML key `foo_bar` set field `foo_bar`."""
 
     model: str = _opt("", "HF hub id or local directory (default: embedded SmolLM2-135M-Instruct)")
-    data: str = _opt("", ".jsonl/.json/.parquet file or saved datasets dir (default: embedded task)")
+    data: str = _opt("", ".jsonl/.json/.parquet/.csv file, saved datasets dir, or NAME[:SPLIT] of a dataset in the "
+                         "local HF cache (default: embedded task)")
     eval_data: str = _opt("", "held-out data, same forms (default: embedded held-out split)")
+    data_format: str = _opt("auto", "record format of --data and --eval-data (auto: read from the columns)",
+                            choices=("auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"))
+    train_on_prompt: bool = _opt(False, "loss on every token, prompt and user turns too (default: responses only)")
+    last_turn_only: bool = _opt(False, "chat records: loss on the last assistant turn only")
+    data_workers: int = _opt(0, "processes that tokenize the data (0: one per 20k records, at most min(4, CPUs))")
+    data_cache: str = _opt("", "directory of tokenized-data caches (default: BILORA_DIST_CACHE/data; none: off)")
     method: str = _opt("bilora", "training method", choices=METHODS)
     rank: int = _opt(8, "primary LoRA rank r1")
     alpha: float = _opt(16.0, "primary LoRA alpha (scale alpha/rank)")
@@ -41,7 +48,13 @@ class TrainConfig:
     target_modules: str = _opt("all-linear", "comma-separated module names, a regex, or all-linear")
     lr: float = _opt(5e-4, "peak learning rate")
     weight_decay: float = _opt(0.0, "AdamW weight decay of the primary adapter")
-    warmup_ratio: float = _opt(0.05, "fraction of steps of linear warmup")
+    adam_beta1: float = _opt(0.9, "AdamW beta1")
+    adam_beta2: float = _opt(0.999, "AdamW beta2")
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon")
+    warmup_ratio: float = _opt(0.05, "fraction of steps of warmup")
+    warmup_steps: int = _opt(0, "steps of warmup (0: from --warmup-ratio)")
+    warmup_type: str = _opt("linear", "warmup curve: linear, or log as DeepSpeed's Warmup* schedulers",
+                            choices=("linear", "log"))
     scheduler: str = _opt("cosine", "learning-rate schedule after warmup", choices=SCHEDULERS)
     max_grad_norm: float = _opt(1.0, "clip the primary adapter gradient to this norm (0: off)")
     max_steps: int = _opt(0, "optimizer steps (0: derive from --epochs)")
@@ -83,7 +96,7 @@ class TrainConfig:
 
 _POSITIVE_INT = ("rank", "micro_batch_size", "grad_accum", "seq_len", "eval_batch_size", "log_every")
 _NON_NEGATIVE = ("squeeze_min_stage", "weight_decay", "max_grad_norm", "max_steps", "eval_every", "epochs", "replica_check_every",
-                 "plan_ranks", "save_every", "keep_last")
+                 "plan_ranks", "save_every", "keep_last", "data_workers")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -111,6 +124,9 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("one of --max-steps or --epochs must be > 0")
     if not cfg.target_modules.strip():
         raise UserError("--target-modules is empty")
+    if not (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1 and cfg.adam_epsilon > 0 and cfg.warmup_steps >= 0):
+        raise UserError(f"AdamW needs betas in [0, 1), epsilon > 0 and --warmup-steps >= 0, got betas "
+                        f"({cfg.adam_beta1}, {cfg.adam_beta2}), epsilon {cfg.adam_epsilon}, {cfg.warmup_steps} steps")
 
 
 def _flag(name: str) -> str:
@@ -193,9 +209,11 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     given = vars(_parser().parse_args(argv))
     given.pop("local_rank", None)
     values = _load_yaml(given["config"]) if given.get("config") else {}
+    explicit = {key: f"--config {given['config']} {key}" for key in values}
+    explicit.update({key: f"--{_flag(key)}" for key in given})
     values.update(given)
     cfg = TrainConfig(**values)
-    if cfg.ds_config:
-        cfg = merge_into(cfg, read_ds_config(cfg.ds_config), cfg.ds_config)
+    if cfg.ds_config:  # its values fill the defaults; one that differs from an explicit value is an error
+        cfg = merge_into(cfg, read_ds_config(cfg.ds_config), cfg.ds_config, explicit)
     validate(cfg)
     return cfg.resolved()

@@ -1,8 +1,17 @@
-"""DeepSpeed JSON configs: which keys the trainer honours, and how they map onto TrainConfig.
+"""DeepSpeed JSON configs as users have them (LLaMA-Factory, axolotl, the transformers docs).
 
-DeepSpeed here only partitions (ZeRO-3) and gathers the frozen base; the adapters are stepped by
-our optimizer. A key that would need DeepSpeed's optimizer or scheduler cannot be honoured and is
-rejected by name rather than silently ignored.
+DeepSpeed here only partitions (ZeRO-3) and gathers the frozen base; the adapters, replicated, are
+stepped by our AdamW. So a config maps onto the trainer in three ways:
+
+- honoured: batch shape, clipping, precision, ZeRO stage and parameter partitioning/offload, and an
+  Adam/AdamW `optimizer` and Warmup* `scheduler` block, which set (or must agree with) our AdamW and
+  schedule. `"auto"` keeps the trainer's value (hidden-size ones follow transformers' rules).
+- not used: keys about gradient or optimizer partitioning (and DeepSpeed's own logging), which have
+  no meaning for a frozen base with replicated adapters; named once in one info line.
+- refused: anything that would change training and cannot be honoured, and misspelt keys.
+
+`read_ds_config` checks the file, `merge_into` sets the trainer's fields from it, `resolve` gives the
+dict that reaches DeepSpeed: only honoured keys, no `"auto"` left.
 """
 
 from __future__ import annotations
@@ -13,61 +22,316 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bilora_dist.errors import UserError
+from bilora_dist.errors import UserError, unknown_key_message
 
-_TOP = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "bf16", "fp16",
-        "zero_optimization", "train_batch_size"}
-_ZERO = {"stage", "offload_param", "stage3_param_persistence_threshold", "stage3_prefetch_bucket_size",
-         "stage3_max_live_parameters", "stage3_max_reuse_distance"}
-_OFFLOAD = {"device", "pin_memory"}
-_FLAGS = {"train_micro_batch_size_per_gpu": "micro_batch_size", "gradient_accumulation_steps": "grad_accum",
-          "gradient_clipping": "max_grad_norm"}
-
+AUTO = "auto"
 DEFAULT_ZERO3: dict[str, Any] = {"zero_optimization": {"stage": 3}}
 
+# top level: DeepSpeed key -> TrainConfig field
+_TOP_FIELDS = {"train_micro_batch_size_per_gpu": "micro_batch_size", "gradient_accumulation_steps": "grad_accum",
+               "gradient_clipping": "max_grad_norm"}
+_TOP = {*_TOP_FIELDS, "train_batch_size", "bf16", "fp16", "zero_optimization", "optimizer", "scheduler"}
+_TOP_UNUSED = {"zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "wall_clock_breakdown",
+               "steps_per_print", "memory_breakdown", "dump_state", "prescale_gradients",
+               "gradient_predivide_factor", "communication_data_type", "data_types", "sparse_gradients", "amp",
+               "tensorboard", "wandb", "csv_monitor", "comet", "flops_profiler", "comms_logger", "checkpoint"}
+_TOP_REFUSED = {"activation_checkpointing": "use --gradient-checkpointing", "curriculum_learning": "",
+                "data_efficiency": "", "compression_training": "", "elasticity": "", "pipeline": "",
+                "sequence_parallel_size": "", "torch_autocast": "", "compile": "", "autotuning": "",
+                "hybrid_engine": "", "progressive_layer_drop": "", "eigenvalue": "", "tensor_parallel": "",
+                "quantize_training": "", "weight_quantization": "", "sparse_attention": ""}
 
-def _check_keys(where: str, values: Any, allowed: set[str], path: str) -> None:
-    if not isinstance(values, dict):
-        raise UserError(f"--ds_config {path}: '{where}' must be an object")
-    for key in values:
-        if key not in allowed:
-            raise UserError(f"--ds_config {path}: key '{where + '.' if where else ''}{key}' is not honoured by "
-                            f"bilora_dist (honoured: {', '.join(sorted(allowed))})")
+# zero_optimization: DeepSpeed's unprefixed field name -> its stage3_ alias (None: no alias)
+_ZERO_PARTITIONING = {"param_persistence_threshold": "stage3_param_persistence_threshold",
+                      "model_persistence_threshold": "stage3_model_persistence_threshold",
+                      "prefetch_bucket_size": "stage3_prefetch_bucket_size",
+                      "max_live_parameters": "stage3_max_live_parameters",
+                      "max_reuse_distance": "stage3_max_reuse_distance"}
+_ZERO = {"stage", "offload_param", *_ZERO_PARTITIONING, *_ZERO_PARTITIONING.values()}
+_ZERO_UNUSED = {"overlap_comm", "contiguous_gradients", "reduce_bucket_size", "reduce_scatter", "sub_group_size",
+                "allgather_partitions", "allgather_bucket_size", "round_robin_gradients", "offload_optimizer",
+                "use_multi_rank_bucket_allreduce", "load_from_fp32_weights", "elastic_checkpoint", "cpu_offload",
+                "gather_16bit_weights_on_model_save", "stage3_gather_16bit_weights_on_model_save",
+                "stage3_gather_fp16_weights_on_model_save", "ignore_unused_parameters", "legacy_stage1",
+                "zero_quantized_gradients", "compute_grad_norm", "log_trace_cache_warnings", "zenflow",
+                "save_muon_momentum_buffer_in_memory"}
+_OFFLOAD = {"device", "pin_memory"}
+_OFFLOAD_UNUSED = {"nvme_path", "buffer_count", "buffer_size", "max_in_cpu"}  # nvme only, which is refused
+_OFFLOAD_OPTIMIZER = {"device", "nvme_path", "buffer_count", "pin_memory", "pipeline_read", "pipeline_write",
+                      "fast_init", "ratio", "super_offload", "cpuadam_cores_perc"}
+_BF16_UNUSED = {"immediate_grad_update", "check_grad_overflow", "bf16_master_weights_and_grads",
+                "bf16_optimizer_states"}
+_FP16_OFF_UNUSED = {"auto_cast", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
+                    "consecutive_hysteresis", "min_loss_scale", "fp16_master_weights_and_grads"}
+
+_ADAM_TYPES = {"adam", "adamw", "fusedadam", "cpuadam", "deepspeedcpuadam"}
+_ADAM_PARAMS = {"lr": "lr", "eps": "adam_epsilon", "weight_decay": "weight_decay"}  # + betas
+_ADAM_UNUSED = {"torch_adam", "fused"}  # kernel choices
+_SCHEDULERS = {"warmuplr": "constant", "warmupdecaylr": "linear", "warmupcosinelr": "cosine"}
+_SCHEDULER_PARAMS = {"warmuplr": {"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type",
+                                  "last_batch_iteration"},
+                     "warmupdecaylr": {"warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type",
+                                       "total_num_steps", "last_batch_iteration"},
+                     "warmupcosinelr": {"warmup_min_ratio", "cos_min_ratio", "warmup_num_steps", "warmup_type",
+                                        "total_num_steps", "last_batch_iteration"}}
+# scheduler params with one honoured value: key -> (DeepSpeed's default, the value we honour)
+_SCHEDULER_FIXED = {"warmup_min_lr": (0, 0), "warmup_min_ratio": (0, 0), "cos_min_ratio": (0.0001, 0),
+                    "last_batch_iteration": (-1, -1)}
+# a ds value for the first field cannot stand beside an explicit value of the second
+_SHADOWS = {"max_steps": "epochs", "warmup_steps": "warmup_ratio"}
 
 
 def read_ds_config(path: str) -> dict[str, Any]:
-    """The parsed config, with every key checked against what the trainer honours."""
+    """The parsed config, every key checked: honoured, not used, or a one-line error naming it."""
     if not Path(path).is_file():
         raise UserError(f"--ds_config: file not found: {path}")
     try:
         ds = json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"--ds_config {path}: malformed JSON at line {exc.lineno} ({exc.msg})") from None
-    _check_keys("", ds, _TOP, path)
-    zero = ds.get("zero_optimization", {})
-    _check_keys("zero_optimization", zero, _ZERO, path)
-    _check_keys("zero_optimization.offload_param", zero.get("offload_param", {}), _OFFLOAD, path)
+    _check(path, "", ds, _TOP | _TOP_UNUSED, refused=_TOP_REFUSED)
+    zero = _section(path, ds, "zero_optimization")
+    _check(path, "zero_optimization", zero, _ZERO | _ZERO_UNUSED, deepspeed_names=_zero_field_names)
     if zero.get("stage", 0) not in (0, 1, 2, 3):
-        raise UserError(f"--ds_config {path}: zero_optimization.stage must be 0-3, got {zero.get('stage')}")
-    if zero.get("offload_param", {}).get("device", "none") not in ("cpu", "none"):
-        raise UserError(f"--ds_config {path}: zero_optimization.offload_param.device must be cpu or none")
-    for section in ("bf16", "fp16"):
-        _check_keys(section, ds.get(section, {}), {"enabled"}, path)
-    if ds.get("fp16", {}).get("enabled") is True:
-        raise UserError(f"--ds_config {path}: fp16.enabled: fp16 is not supported, use bf16")
+        raise UserError(f"--ds_config {path}: zero_optimization.stage must be 0-3, got {zero.get('stage')!r}")
+    offload = _section(path, zero, "offload_param", "zero_optimization.")
+    _check(path, "zero_optimization.offload_param", offload, _OFFLOAD | _OFFLOAD_UNUSED)
+    if offload.get("device", "none") not in ("cpu", "none"):
+        raise UserError(f"--ds_config {path}: zero_optimization.offload_param.device {offload['device']!r} "
+                        "cannot be honoured (cpu or none; nvme offload is not supported)")
+    _check(path, "zero_optimization.offload_optimizer", _section(path, zero, "offload_optimizer", "zero_optimization."),
+           _OFFLOAD_OPTIMIZER)
+    _check(path, "bf16", _section(path, ds, "bf16"), {"enabled"} | _BF16_UNUSED)
+    fp16 = _section(path, ds, "fp16")
+    _check(path, "fp16", fp16, {"enabled"} | _FP16_OFF_UNUSED)
+    for section in ("fp16", "amp"):
+        if _section(path, ds, section).get("enabled") is True:
+            raise UserError(f"--ds_config {path}: {section}.enabled true cannot be honoured: fp16 is not "
+                            "supported, use bf16")
+    _check_optimizer(path, _section(path, ds, "optimizer"))
+    _check_scheduler(path, _section(path, ds, "scheduler"))
+    _zero_options(path, zero)  # prefixed and unprefixed forms must agree
     return ds
 
 
-def merge_into(cfg: Any, ds: dict[str, Any], path: str) -> Any:
-    """TrainConfig with the ds_config's batch, clipping and precision values (`auto` keeps the flag's)."""
-    updates = {flag: ds[key] for key, flag in _FLAGS.items() if key in ds and ds[key] != "auto"}
-    if ds.get("bf16", {}).get("enabled") is True:
-        updates["bf16"] = True
-    merged = dataclasses.replace(cfg, **updates)
-    total = ds.get("train_batch_size", "auto")
-    if total != "auto":
+def unused_keys(ds: dict[str, Any]) -> list[str]:
+    """The keys of `ds` that have no meaning for a frozen base with replicated adapters, as dotted paths."""
+    zero = ds.get("zero_optimization", {})
+    keys = [k for k in ds if k in _TOP_UNUSED] + [f"zero_optimization.{k}" for k in zero if k in _ZERO_UNUSED]
+    keys += [f"zero_optimization.offload_param.{k}" for k in zero.get("offload_param", {}) if k in _OFFLOAD_UNUSED]
+    keys += [f"bf16.{k}" for k in ds.get("bf16", {}) if k in _BF16_UNUSED]
+    keys += [f"fp16.{k}" for k in ds.get("fp16", {}) if k in _FP16_OFF_UNUSED]
+    keys += [f"optimizer.params.{k}" for k in ds.get("optimizer", {}).get("params", {}) if k in _ADAM_UNUSED]
+    return keys
+
+
+def unused_line(ds: dict[str, Any]) -> str | None:
+    """The one info line naming the keys that are accepted but not used (None when there are none)."""
+    keys = unused_keys(ds)
+    return ("ds_config: not used with a frozen base and replicated adapters (gradient/optimizer partitioning, "
+            f"DeepSpeed's own logging): {', '.join(keys)}") if keys else None
+
+
+def merge_into(cfg: Any, ds: dict[str, Any], path: str, explicit: dict[str, str]) -> Any:
+    """`cfg` (a TrainConfig) with the values the ds_config sets. `explicit` maps each field given
+    explicitly (flag or --config YAML) to how it was given, e.g. {"micro_batch_size": "--micro-batch-size"}:
+    a ds value that differs from an explicit one is an error naming both, over a default it wins,
+    and "auto" keeps the trainer's value."""
+    updates: dict[str, tuple[str, Any]] = {}
+
+    def take(field: str, key: str, value: Any) -> None:
+        if value == AUTO:
+            return
+        current, shadowed = getattr(cfg, field), _SHADOWS.get(field)
+        if shadowed in explicit:
+            raise UserError(f"{explicit[shadowed]} {_show(getattr(cfg, shadowed))} conflicts with --ds_config "
+                            f"{path} {key} {_show(value)}; give one of them")
+        if field in explicit and value != current:
+            raise UserError(f"{explicit[field]} {_show(current)} disagrees with --ds_config {path} {key} "
+                            f"{_show(value)}")
+        if field in updates and updates[field][1] != value:
+            raise UserError(f"--ds_config {path}: {updates[field][0]} {_show(updates[field][1])} disagrees with "
+                            f"{key} {_show(value)}")
+        updates[field] = (key, value)
+
+    for key, field in _TOP_FIELDS.items():
+        if key in ds:
+            take(field, key, _number(path, key, ds[key], integer=field != "max_grad_norm"))
+    if "bf16" in ds and "enabled" in ds["bf16"]:
+        take("bf16", "bf16.enabled", _flag(path, "bf16.enabled", ds["bf16"]["enabled"]))
+    _merge_optimizer(path, ds.get("optimizer", {}).get("params", {}), take)
+    _merge_scheduler(path, ds.get("scheduler", {}), take)
+    merged = dataclasses.replace(cfg, **{field: value for field, (_, value) in updates.items()})
+    total = ds.get("train_batch_size", AUTO)
+    if total != AUTO:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if total != merged.micro_batch_size * merged.grad_accum * world:
             raise UserError(f"--ds_config {path}: train_batch_size {total} != micro {merged.micro_batch_size} x "
                             f"accum {merged.grad_accum} x world {world}")
     return merged
+
+
+def resolve(ds: dict[str, Any], bf16: bool, hidden_size: int) -> dict[str, Any]:
+    """The config DeepSpeed receives: the ZeRO stage and parameter partitioning/offload keys (under
+    DeepSpeed's unprefixed names, `"auto"` resolved from the hidden size as transformers does) and the
+    precision. Batch, accumulation, clipping, optimizer and schedule are the trainer's (`merge_into`);
+    DeepSpeed only needs a placeholder batch size to accept the config."""
+    zero = ds.get("zero_optimization", {})
+    resolved: dict[str, Any] = {"stage": zero.get("stage", 0)}
+    auto = {"prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "param_persistence_threshold": 10 * hidden_size}
+    for name, value in _zero_options("", zero).items():
+        resolved[name] = auto[name] if value == AUTO and name in auto else value
+        if resolved[name] == AUTO:
+            raise UserError(f"ds_config: zero_optimization.{name} \"auto\" has no value to take; give a number")
+    if zero.get("offload_param", {}).get("device", "none") == "cpu":
+        resolved["offload_param"] = {"device": "cpu", "pin_memory": bool(zero["offload_param"].get("pin_memory",
+                                                                                                     False))}
+    return {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": bf16}, "fp16": {"enabled": False},
+            "zero_optimization": resolved}
+
+
+def hidden_size_of(model_config: Any) -> int:
+    """The hidden size transformers' DeepSpeed integration uses for the hidden-size `"auto"` keys."""
+    for config in (model_config, getattr(model_config, "text_config", None)):
+        if getattr(config, "hidden_size", None):
+            return config.hidden_size
+        if getattr(config, "hidden_sizes", None):
+            return max(config.hidden_sizes)
+    raise UserError("ds_config: the model config has no hidden_size for the hidden-size \"auto\" keys "
+                    "(stage3_prefetch_bucket_size, stage3_param_persistence_threshold); give numbers")
+
+
+def _zero_options(path: str, zero: dict[str, Any]) -> dict[str, Any]:
+    """The parameter-partitioning options under DeepSpeed's unprefixed names, whichever form was written."""
+    options = {}
+    for name, alias in _ZERO_PARTITIONING.items():
+        given = [(k, zero[k]) for k in (name, alias) if k in zero]
+        if len(given) == 2 and given[0][1] != given[1][1]:
+            raise UserError(f"--ds_config {path}: zero_optimization.{name} {given[0][1]} disagrees with "
+                            f"zero_optimization.{alias} {given[1][1]}")
+        if given:
+            value = given[0][1]
+            options[name] = value if value == AUTO else _number(path, f"zero_optimization.{given[0][0]}", value,
+                                                               integer=True, minimum=0)
+    return options
+
+
+def _merge_optimizer(path: str, params: dict[str, Any], take: Any) -> None:
+    for key, field in _ADAM_PARAMS.items():
+        if key in params:
+            take(field, f"optimizer.params.{key}", _number(path, f"optimizer.params.{key}", params[key]))
+    betas = params.get("betas", AUTO)
+    if betas != AUTO:
+        if not (isinstance(betas, list) and len(betas) == 2):
+            raise UserError(f"--ds_config {path}: optimizer.params.betas must be [beta1, beta2] or \"auto\"")
+        take("adam_beta1", "optimizer.params.betas[0]", _number(path, "optimizer.params.betas", betas[0]))
+        take("adam_beta2", "optimizer.params.betas[1]", _number(path, "optimizer.params.betas", betas[1]))
+
+
+def _merge_scheduler(path: str, scheduler: dict[str, Any], take: Any) -> None:
+    if not scheduler:
+        return
+    kind, params = scheduler["type"].lower(), scheduler.get("params", {})
+    take("scheduler", "scheduler.type", _SCHEDULERS[kind])
+    take("warmup_type", "scheduler.params.warmup_type" + ("" if "warmup_type" in params else " (DeepSpeed default)"),
+         params.get("warmup_type", "log"))
+    if "warmup_num_steps" in params:
+        take("warmup_steps", "scheduler.params.warmup_num_steps",
+             _number(path, "scheduler.params.warmup_num_steps", params["warmup_num_steps"], integer=True))
+    if "warmup_max_lr" in params:
+        take("lr", "scheduler.params.warmup_max_lr", _number(path, "scheduler.params.warmup_max_lr",
+                                                             params["warmup_max_lr"]))
+    if "total_num_steps" in params:
+        take("max_steps", "scheduler.params.total_num_steps",
+             _number(path, "scheduler.params.total_num_steps", params["total_num_steps"], integer=True))
+
+
+def _check_optimizer(path: str, optimizer: dict[str, Any]) -> None:
+    if not optimizer:
+        return
+    _check(path, "optimizer", optimizer, {"type", "params"})
+    kind = str(optimizer.get("type", ""))
+    if kind.lower() not in _ADAM_TYPES:
+        raise UserError(f"--ds_config {path}: optimizer.type {kind!r} cannot be honoured: the adapters are stepped "
+                        "by AdamW (Adam, AdamW, FusedAdam, CPUAdam map onto it)")
+    params = _section(path, optimizer, "params", "optimizer.")
+    _check(path, "optimizer.params", params, {*_ADAM_PARAMS, "betas", "adam_w_mode", "bias_correction", "amsgrad",
+                                              *_ADAM_UNUSED})
+    for key, honoured in (("adam_w_mode", True), ("bias_correction", True), ("amsgrad", False)):
+        if params.get(key, honoured) != honoured:
+            raise UserError(f"--ds_config {path}: optimizer.params.{key} {_show(params[key])} cannot be honoured "
+                            f"(AdamW with {key} {_show(honoured)})")
+
+
+def _check_scheduler(path: str, scheduler: dict[str, Any]) -> None:
+    if not scheduler:
+        return
+    _check(path, "scheduler", scheduler, {"type", "params"})
+    kind = str(scheduler.get("type", ""))
+    if kind.lower() not in _SCHEDULERS:
+        raise UserError(f"--ds_config {path}: scheduler.type {kind!r} cannot be honoured (WarmupLR, WarmupDecayLR "
+                        "and WarmupCosineLR map onto --scheduler constant, linear, cosine)")
+    params = _section(path, scheduler, "params", "scheduler.")
+    known = _SCHEDULER_PARAMS[kind.lower()]
+    _check(path, "scheduler.params", params, known)
+    for key, (default, honoured) in _SCHEDULER_FIXED.items():
+        value = params.get(key, default)
+        if key in known and value != honoured and not (key == "warmup_min_lr" and value == AUTO):
+            raise UserError(f"--ds_config {path}: scheduler.params.{key} {_show(value)}"
+                            f"{' (DeepSpeed default)' if key not in params else ''} cannot be honoured: "
+                            f"only {honoured} (our schedules warm up from 0 and decay to 0)")
+    if params.get("warmup_type", "log") not in ("log", "linear"):
+        raise UserError(f"--ds_config {path}: scheduler.params.warmup_type {params['warmup_type']!r} cannot be "
+                        "honoured (log or linear)")
+
+
+def _check(path: str, where: str, values: dict[str, Any], known: set[str], refused: dict[str, str] | None = None,
+           deepspeed_names: Any = None) -> None:
+    """Every key of `values` is known; a key DeepSpeed has but we cannot honour, or a misspelt one, is an error."""
+    for key in values:
+        if key in known:
+            continue
+        real = set(refused or {}) | (deepspeed_names() if deepspeed_names else set())
+        if key in real:
+            why = (refused or {}).get(key)
+            raise UserError(f"--ds_config {path}: '{where + '.' if where else ''}{key}' cannot be honoured by bilora_dist"
+                            f"{f' ({why})' if why else ''}")
+        raise UserError(f"--ds_config {path}: {where + ': ' if where else ''}"
+                        f"{unknown_key_message(key, sorted(known | real))}")
+
+
+def _zero_field_names() -> set[str]:
+    """Every zero_optimization key the installed DeepSpeed knows (field names and stage3_ aliases)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    return {n for name, f in DeepSpeedZeroConfig.model_fields.items() for n in (name, f.alias) if n}
+
+
+def _section(path: str, parent: dict[str, Any], key: str, prefix: str = "") -> dict[str, Any]:
+    value = parent.get(key, {})
+    if not isinstance(value, dict):
+        raise UserError(f"--ds_config {path}: '{prefix}{key}' must be an object")
+    return value
+
+
+def _number(path: str, key: str, value: Any, integer: bool = False, minimum: float | None = None) -> Any:
+    """A JSON number (or "auto"); 1e9 written as a float counts as an integer."""
+    if value == AUTO:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            integer and not float(value).is_integer()) or (minimum is not None and value < minimum):
+        kind = "an integer" if integer else "a number"
+        raise UserError(f"--ds_config {path}: {key} must be {kind}{f' >= {minimum}' if minimum is not None else ''}"
+                        f" or \"auto\", got {_show(value)}")
+    return int(value) if integer else value
+
+
+def _flag(path: str, key: str, value: Any) -> Any:
+    if value != AUTO and not isinstance(value, bool):
+        raise UserError(f"--ds_config {path}: {key} must be true, false or \"auto\", got {_show(value)}")
+    return value
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (bool, list)) else str(value)

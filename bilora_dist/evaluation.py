@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from bilora_dist.adapters.bank import AdapterBank
-from bilora_dist.data import IGNORE, Example, collate, to_device
+from bilora_dist.data import IGNORE, Example, Prepared, collate, to_device
 from bilora_dist.engines.base import Engine
 from bilora_dist.loss import token_loss_sum
 
@@ -29,21 +30,23 @@ class ChoiceTask:
     gold: list[int]
 
 
-def choice_task(records: list[dict[str, Any]], tokenizer: Any, seq_len: int) -> ChoiceTask | None:
-    """The classification view of the eval set, or None if its completions are not single-token labels."""
-    if not all("prompt" in r for r in records):
+def choice_task(data: Prepared, tokenizer: Any, seq_len: int) -> ChoiceTask | None:
+    """The classification view of a prompt/completion eval set, or None if its completions are not
+    single-token labels."""
+    if data.fmt != "prompt_completion":
         return None
-    labels = sorted({r["completion"] for r in records})
+    completions = list(data.records["completion"])
+    labels = sorted(set(completions))
     if not 2 <= len(labels) <= MAX_CHOICES:
         return None
     ids = [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
     if any(len(i) != 1 for i in ids):
         return None
     prompts = []
-    for r in records:
-        p = tokenizer(r["prompt"])["input_ids"][-seq_len:]
+    for prompt in data.records["prompt"]:
+        p = tokenizer(prompt)["input_ids"][-seq_len:]
         prompts.append(Example(p, [IGNORE] * len(p)))
-    return ChoiceTask(prompts, [i[0] for i in ids], [labels.index(r["completion"]) for r in records])
+    return ChoiceTask(prompts, [i[0] for i in ids], [labels.index(c) for c in completions])
 
 
 def _rank_share(n: int, engine: Engine, batch_size: int) -> list[list[int]]:
@@ -56,7 +59,7 @@ def _rank_share(n: int, engine: Engine, batch_size: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, bank: AdapterBank, examples: list[Example], task: ChoiceTask | None,
+def evaluate(model: nn.Module, bank: AdapterBank, examples: Sequence[Any], task: ChoiceTask | None,
              engine: Engine, batch_size: int, pad_id: int) -> dict[str, float]:
     """eval_loss (token-mean over the whole set) and, with a ChoiceTask, accuracy; identical on every rank."""
     was_training = model.training

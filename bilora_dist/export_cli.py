@@ -29,7 +29,7 @@ from bilora_dist.squeeze.peft_io import read_peft_adapter
 @dataclass
 class ExportSource:
     branch: Branch                  # the primary adapter (the auxiliary is never exported)
-    base_model: str                 # directory of the frozen base it was trained on
+    base_model: str                 # the frozen base it was trained on: a directory or a hub id
     target_modules: list[str]
     provenance: dict[str, Any]
 
@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="directory to write (must not exist)")
     p.add_argument("--rank", type=int, help="squeeze the adapter to this rank first")
     p.add_argument("--merged", action="store_true", help="write the base with the adapter folded in")
-    p.add_argument("--model", help="base model directory (default: the one the adapter was trained on)")
+    p.add_argument("--model", help="base model directory or cached hub id (default: the adapter's own base)")
     p.add_argument("--shard-size", default="2GB", help="largest merged weight file, e.g. 500MB, 2GB")
     return p
 
@@ -61,7 +61,7 @@ def _from_checkpoint(path: Path) -> ExportSource:
     provenance = {"method": config["method"], "rho": config["rho"], "rank": config["rank"],
                   "alpha": config["alpha"], "steps": checkpoint.step, "checkpoint": str(path),
                   "squeeze_history": checkpoint.state["squeeze_history"]}
-    return ExportSource(branch, resolve_model(config["model"]), targets, provenance)
+    return ExportSource(branch, config["model"] or resolve_model(""), targets, provenance)
 
 
 def _from_adapter(path: Path) -> ExportSource:
@@ -108,9 +108,10 @@ def export_main(argv: list[str]) -> None:
         print(f"squeezed {len(reports)} layers to rank {args.rank}; kept energy min {kept['kept_energy_min']:.4f}")
     base = args.model or source.base_model
     if args.merged:
-        if not base or not Path(base).is_dir():
-            raise UserError(f"--merged needs the base model directory; '{base}' is not one (pass --model DIR)")
-        counts = merge_into_base(Path(base), branch, args.out, shard_bytes)
+        if not base:
+            raise UserError("--merged needs the base model: pass --model (a directory or a cached hub id)")
+        model_dir = resolve_model(base, "--model" if args.model else "--merged: the adapter's base model")
+        counts = merge_into_base(Path(model_dir), branch, args.out, shard_bytes)
         print(f"merged {counts['merged_layers']} layers with the base {base}: {counts['tensors']} tensors, "
               f"{counts['shards']} shard(s), {counts['bytes'] / 2**20:.1f} MiB; {time.perf_counter() - start:.1f} s")
     else:

@@ -25,12 +25,13 @@ class StepStats:
     aux_norm: float | None = None
 
 
-def build_optimizer(bank: AdapterBank, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def build_optimizer(bank: AdapterBank, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
+                    eps: float = 1e-8) -> torch.optim.AdamW:
     """One AdamW over the bank: the primary with the configured decay, the auxiliary with none."""
     groups = [{"params": [bank.primary.flat], "weight_decay": weight_decay}]
     if bank.aux is not None:
         groups.append({"params": [bank.aux.flat], "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
 class LoRAStep:

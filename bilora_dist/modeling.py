@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
+from huggingface_hub import constants, snapshot_download
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -14,9 +16,18 @@ from bilora_dist import embedded
 from bilora_dist.errors import UserError
 
 
-def resolve_model(spec: str) -> str:
-    """The model directory or hub id to load ('' means the embedded default)."""
-    return str(embedded.default_model_dir()) if not spec else spec
+def resolve_model(spec: str, flag: str = "--model") -> str:
+    """The local model directory `spec` names: '' the embedded default, a directory itself, a hub id its
+    snapshot in the local Hugging Face cache (nothing is ever downloaded)."""
+    if not spec:
+        return str(embedded.default_model_dir())
+    if Path(spec).is_dir():
+        return spec
+    try:
+        return snapshot_download(spec, local_files_only=True)
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), not a repo id (HFValidationError)
+        raise UserError(f"{flag} {spec}: neither a local directory nor a model in the local Hugging Face cache "
+                        f"({constants.HF_HUB_CACHE}); nothing is downloaded") from None
 
 
 def load_config(path: str) -> Any:
@@ -60,9 +71,11 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
 
 
 def build_on_meta(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model's architecture with no storage behind its parameters (for sharded loading and planning)."""
-    with torch.device("meta"):
+    """The model's architecture with its parameters on the meta device (no storage) and its buffers real,
+    computed as the model computes them (rotary frequencies, embedding scales), on the CPU."""
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(load_config(path), dtype=dtype)
+    model.tie_weights()  # accelerate re-creates each parameter on meta, which unties a tied head
     model.requires_grad_(False)
     return model
 

@@ -11,7 +11,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -23,7 +23,8 @@ from bilora_dist.adapters.inject import check_rank, peft_target_modules
 from bilora_dist.checkpoint import (check_compatible, check_step_budget, checkpoints_dir, find_checkpoint,
                                     load_checkpoint, read_state, restore_bank, save_checkpoint, set_rng_state)
 from bilora_dist.config import TrainConfig
-from bilora_dist.data import BatchPlan, collate, load_records, to_device, tokenize_all
+from bilora_dist.data import BatchPlan, Prepared, collate, prepare_examples, to_device
+from bilora_dist.data.tokenize import TokenizeOptions
 from bilora_dist.embedded import DEFAULT_EVAL, DEFAULT_TRAIN
 from bilora_dist.engines import Engine, make_engine, resolve_engine_name
 from bilora_dist.errors import UserError
@@ -38,6 +39,22 @@ from bilora_dist.squeeze.branch import kept_energy_summary
 from bilora_dist.squeeze.schedule import apply_rank_change, parse_squeeze
 
 _SCHEDULER_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """cfg's schedule; `--warmup-type log` warms up along DeepSpeed's Warmup* curve, log(step + 1) / log(warmup)."""
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    scheduler = get_scheduler(_SCHEDULER_NAMES[cfg.scheduler], optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps)
+    if cfg.warmup_type == "log":
+        scale = math.log(max(2, warmup))  # DeepSpeed warms up over at least 2 steps
+
+        def log_warmup(after: Callable[[int], float]) -> Callable[[int], float]:
+            return lambda step: math.log(step + 1) / scale if step < warmup else after(step)
+
+        scheduler.lr_lambdas = [log_warmup(after) for after in scheduler.lr_lambdas]  # one per param group
+    return scheduler
 
 
 def _say(engine: Any, message: str) -> None:
@@ -70,15 +87,16 @@ def _check_replicas(engine: Engine, bank: AdapterBank, step: int) -> list[str]:
 
 def dry_run(cfg: TrainConfig) -> str:
     """The per-rank memory plan of `cfg` on cfg.plan_ranks ranks, from the model's config alone."""
-    from bilora_dist.ds_config import DEFAULT_ZERO3, read_ds_config
+    from bilora_dist.ds_config import DEFAULT_ZERO3, hidden_size_of, read_ds_config, resolve
 
     world = cfg.plan_ranks or int(os.environ.get("WORLD_SIZE", "1"))
     name = resolve_engine_name(cfg.engine, cfg.ds_config, world)
     if name == "single" and world > 1:
         raise UserError(f"--engine single runs one process; a plan for {world} ranks needs deepspeed or fsdp")
-    zero = (read_ds_config(cfg.ds_config) if cfg.ds_config else DEFAULT_ZERO3)["zero_optimization"]
-    kind = {"single": "single", "fsdp": "fsdp"}.get(name, "zero3" if zero.get("stage", 0) == 3 else "replicated")
     model = build_on_meta(resolve_model(cfg.model), torch.bfloat16 if cfg.bf16 else torch.float32)
+    zero = resolve(read_ds_config(cfg.ds_config) if cfg.ds_config else DEFAULT_ZERO3, cfg.bf16,
+                   hidden_size_of(model.config))["zero_optimization"]
+    kind = {"single": "single", "fsdp": "fsdp"}.get(name, "zero3" if zero["stage"] == 3 else "replicated")
     shapes = layer_shapes(model, select_targets(model, cfg.target_modules))
     check_rank(shapes, cfg.rank, "--rank")
     ranks = cfg.rank + (cfg.aux_rank if cfg.method == "bilora" else 0)
@@ -86,7 +104,7 @@ def dry_run(cfg: TrainConfig) -> str:
         check_rank(shapes, cfg.aux_rank, "--aux-rank")
     adapter_numel = sum(ranks * (s.in_features + s.out_features) for s in shapes)
     plans = plan_memory(model, adapter_numel, kind, world,
-                        zero.get("stage3_param_persistence_threshold", DEFAULT_PERSISTENCE_THRESHOLD))
+                        zero.get("param_persistence_threshold", DEFAULT_PERSISTENCE_THRESHOLD))
     header = (f"memory plan: {cfg.model or 'embedded default'}, {kind} on {world} rank(s), "
               f"{sum(p.numel() for p in model.parameters()):,} base params, {len(shapes)} adapted layers, "
               f"{adapter_numel:,} adapter params ({cfg.method})")
@@ -141,11 +159,16 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     resume_from = _resume_point(cfg, out, engine)
     tokenizer = load_tokenizer(model_path)
-    train_records = load_records(cfg.data or str(DEFAULT_TRAIN), "--data")
-    eval_records = load_records(cfg.eval_data or str(DEFAULT_EVAL), "--eval-data")
-    train_set = tokenize_all(train_records, tokenizer, cfg.seq_len, "--data")
-    eval_set = tokenize_all(eval_records, tokenizer, cfg.seq_len, "--eval-data")
-    task = choice_task(eval_records, tokenizer, cfg.seq_len)
+    options = TokenizeOptions(cfg.seq_len, cfg.train_on_prompt, cfg.last_turn_only)
+
+    def prepare(spec: str, flag: str) -> Prepared:  # tokenized once by the main rank, memory-mapped by all
+        return prepare_examples(spec, flag, tokenizer, options, cfg.data_format, cfg.data_workers, cfg.data_cache,
+                                engine, lambda message: _say(engine, message))
+
+    train_set = prepare(cfg.data or str(DEFAULT_TRAIN), "--data").examples
+    eval_data = prepare(cfg.eval_data or str(DEFAULT_EVAL), "--eval-data")
+    eval_set = eval_data.examples
+    task = choice_task(eval_data, tokenizer, cfg.seq_len)
 
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     model = engine.build(model_path, dtype)
@@ -174,10 +197,8 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
     model = engine.wrap(model)
     model.train()
 
-    optimizer = build_optimizer(bank, cfg.lr, cfg.weight_decay)
-    scheduler = get_scheduler(_SCHEDULER_NAMES[cfg.scheduler], optimizer,
-                              num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    optimizer = build_optimizer(bank, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
+    scheduler = build_scheduler(cfg, optimizer, total_steps)
     start_step, start_example, squeeze_history = 0, 0, []
     if checkpoint:
         optimizer.load_state_dict(checkpoint.optimizer)
@@ -270,7 +291,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
                       "engine": engine.name, "world_size": engine.world_size, "squeeze": cfg.squeeze or None,
                       "squeeze_history": squeeze_history, "resumed_from": str(resume_from) if resume_from else None}
         save_peft_adapter(bank.primary, out / "adapter", peft_target_modules(cfg.target_modules, names),
-                          model_path, provenance)
+                          cfg.model or model_path, provenance)  # a hub id stays a hub id
         _say(engine, f"adapter written to {out / 'adapter'}")
     log.close()
     engine.close()

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, get_scheduler
 
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.config import parse_config
-from bilora_dist.data import BatchPlan, collate, load_records, tokenize_all
+from bilora_dist.data import BatchPlan, collate, prepare_examples, tokenize
+from bilora_dist.data.tokenize import TokenizeOptions
 from bilora_dist.engines.base import Engine
 from bilora_dist.export import save_peft_adapter
 from bilora_dist.methods import METHOD_STEPS, build_optimizer
@@ -48,7 +49,7 @@ def test_lora_matches_peft_loss_for_loss(tmp_path, tiny_model_dir, tokenizer, sm
     assert sum(p.numel() for p in params) == bank.primary.flat.numel()
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=10)
-    examples = tokenize_all(load_records(str(small_data[0]), "--data"), tokenizer, 256, "--data")
+    examples = prepare_examples(str(small_data[0]), "--data", tokenizer, TokenizeOptions(256)).examples
     plan = BatchPlan(len(examples), 4, seed=0)
     for step in range(10):
         (idx,) = plan.micro_batches(step, 0, 1, 1)
@@ -70,7 +71,7 @@ def test_exported_adapter_reproduces_trained_logits_in_peft(tmp_path, tiny_model
     bank = build_bank(layer_shapes(model, names), 8, 16.0, 4, 1.0, seed=3)
     inject(model, bank)
     step = METHOD_STEPS["bilora"](model, bank, build_optimizer(bank, 1e-2, 0.0), Engine(), 1.0, 0.05)
-    examples = tokenize_all(train_records[:16], tokenizer, 256, "--data")
+    examples = [tokenize(r, tokenizer, 256) for r in train_records[:16]]
     for k in range(3):
         step([collate(examples[4 * k:4 * k + 4], tokenizer.pad_token_id)])
     assert float(bank.aux.delta_sq_norms().sum()) > 0  # the auxiliary is live, so dropping it matters

@@ -15,8 +15,11 @@ from safetensors.torch import save_file
 
 from bilora_dist.adapters.bank import Branch, LayerShape
 from bilora_dist.squeeze import assign_layers, energy_rank, factored_svd, randomized_svd, squeeze_branch
+from tests_support import random_branch, relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
+# the fp32 factored SVD rebuilds s·BA to a few float32 ulps of ||s·BA|| (7e-7 observed, any thread count)
+FP32_RTOL = 1e-5
 
 
 def decaying_factors(m: int, n: int, r: int, gen: torch.Generator, deficient: int = 0,
@@ -68,7 +71,7 @@ def test_squeeze_branch_reproduces_truncated_dense_delta_and_keeps_scale():
         M = dense(*[t.double() for t in pairs[i]], branch.scales[i])
         A, B = new.factors(i)
         got = dense(A.double(), B.double(), new.scales[i])
-        assert float((got - truncated(M, 4)).norm() / M.norm()) < 1e-6
+        assert float((got - truncated(M, 4)).norm() / M.norm()) < FP32_RTOL
         S = torch.linalg.svdvals(M)
         assert reports[i].kept_energy == pytest.approx(float(S[:4].square().sum() / S.square().sum()), rel=1e-6)
         # balanced split: B' and A' carry the same singular values
@@ -85,23 +88,23 @@ def test_keep_alpha_policy_moves_the_scale_into_s_and_keeps_the_delta():
     for i in range(2):
         M = dense(*[t.double() for t in pairs[i]], branch.scales[i])
         A, B = new.factors(i)
-        assert float((dense(A.double(), B.double(), new.scales[i]) - truncated(M, 4)).norm() / M.norm()) < 1e-6
+        assert float((dense(A.double(), B.double(), new.scales[i]) - truncated(M, 4)).norm() / M.norm()) < FP32_RTOL
 
 
 def test_squeeze_to_the_same_rank_is_the_identity_on_each_layer():
+    """The factors are re-factorised (rotated within their rank-6 subspace); each layer's s·BA is unchanged."""
     gen = torch.Generator().manual_seed(2)
     shapes = [LayerShape("a", 24, 16), LayerShape("b", 24, 16), LayerShape("c", 16, 40)]
     pairs = [(torch.randn(6, s.in_features, generator=gen), torch.randn(s.out_features, 6, generator=gen))
              for s in shapes]
     branch = Branch.from_factors(shapes, pairs, [16 / 6] * 3)
     new, _ = squeeze_branch(branch, 6)
-    x = torch.randn(5, 24, generator=gen)
-    for i, s in enumerate(shapes):
-        x = torch.randn(5, s.in_features, generator=gen)
-        A, B = branch.factors(i)
-        A2, B2 = new.factors(i)
-        torch.testing.assert_close(new.scales[i] * (x @ A2.T) @ B2.T, branch.scales[i] * (x @ A.T) @ B.T,
-                                   rtol=1e-5, atol=1e-5)
+    assert new.ranks == branch.ranks and new.scales == branch.scales
+    for i in range(len(shapes)):
+        want = dense(*[t.detach().double() for t in branch.factors(i)], branch.scales[i])
+        assert relative_error(dense(*[t.double() for t in new.factors(i)], new.scales[i]), want) < FP32_RTOL
+        # dropping the weakest of the 6 directions would miss by its share of ||s·BA||, far above the tolerance
+        assert float(torch.linalg.svdvals(want)[5] / want.norm()) > 1000 * FP32_RTOL
 
 
 def test_energy_threshold_picks_the_smallest_sufficient_rank():
@@ -219,18 +222,20 @@ def test_two_rank_compression_gives_the_one_rank_factors_bit_for_bit(tmp_path):
     import os
     import socket
 
-    sys.path.insert(0, str(ROOT / "tests"))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    from tests_support import random_branch
-
     proc = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", port, str(ROOT / "tests" / "squeeze_worker.py"),
                            str(tmp_path)], cwd=ROOT / "tests", capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
                               [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, reports = squeeze_branch(random_branch(), 3, energy=0.95)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: bit-for-bit holds for the same code path on the same threads
+    try:
+        one, reports = squeeze_branch(random_branch(), 3, energy=0.95)
+    finally:
+        torch.set_num_threads(threads)
     assert len(set(one.ranks)) > 1  # the energy threshold made ranks heterogeneous
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")

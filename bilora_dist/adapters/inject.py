@@ -6,6 +6,7 @@ import re
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from bilora_dist.adapters.bank import AdapterBank, Branch, LayerShape
 from bilora_dist.adapters.layer import LowRankUpdate
@@ -19,24 +20,33 @@ def select_targets(model: nn.Module, spec: str) -> list[str]:
 
     `all-linear`: every nn.Linear except the output head; `a,b,c`: layers whose last name component
     is one of these (PEFT's rule); anything with regex characters: a regex matched against the full path.
+    GPT-2-style Conv1D layers that the selection reaches are refused (their weight is stored transposed).
     """
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output]
-    spec = spec.strip()
+    candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not output]
+    names = _matching(candidates, spec.strip())
+    modules = dict(model.named_modules())
+    conv = next((n for n in names if isinstance(modules[n], Conv1D)), None)
+    if conv is not None:
+        raise UserError(f"--target-modules: {conv} is a GPT-2-style transformers Conv1D layer (weight stored "
+                        "[in, out]), which bilora_dist does not adapt; use a model whose projections are nn.Linear")
+    if not names:
+        raise UserError(f"--target-modules '{spec.strip()}' matches no linear layer of the model")
+    return names
+
+
+def _matching(names: list[str], spec: str) -> list[str]:
+    """The module paths of `names` that `spec` selects (all-linear, leaf names or a regex)."""
     if spec == "all-linear":
-        names = [n for n, _ in linears]
-    elif _REGEX_CHARS & set(spec):
+        return names
+    if _REGEX_CHARS & set(spec):
         try:
             pattern = re.compile(spec)
         except re.error as exc:
             raise UserError(f"--target-modules: invalid regex '{spec}' ({exc})") from None
-        names = [n for n, _ in linears if pattern.fullmatch(n)]
-    else:
-        wanted = {w.strip() for w in spec.split(",") if w.strip()}
-        names = [n for n, _ in linears if n.rsplit(".", 1)[-1] in wanted]
-    if not names:
-        raise UserError(f"--target-modules '{spec}' matches no linear layer of the model")
-    return names
+        return [n for n in names if pattern.fullmatch(n)]
+    wanted = {w.strip() for w in spec.split(",") if w.strip()}
+    return [n for n in names if n.rsplit(".", 1)[-1] in wanted]
 
 
 def layer_shapes(model: nn.Module, names: list[str]) -> list[LayerShape]:

@@ -14,12 +14,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from bilora_dist.ds_config import hidden_size_of, resolve, unused_line
 from bilora_dist.engines.distributed import DataParallelEngine, single_process_defaults
-from bilora_dist.modeling import load_frozen_model
+from bilora_dist.modeling import load_config, load_frozen_model
+
+# DeepSpeedZeRoOffload's parameter-partitioning options, under DeepSpeedZeroConfig's field names
+_PARTITIONING = ("param_persistence_threshold", "model_persistence_threshold", "prefetch_bucket_size",
+                 "max_live_parameters", "max_reuse_distance")
 
 
 class DeepSpeedEngine(DataParallelEngine):
     def __init__(self, ds_config: dict[str, Any], dtype: torch.dtype):
+        """`ds_config` as read_ds_config returns it; its trainer values are already in the TrainConfig."""
         import deepspeed
 
         single_process_defaults()
@@ -27,19 +33,13 @@ class DeepSpeedEngine(DataParallelEngine):
             deepspeed.init_distributed(dist_backend="nccl" if deepspeed.get_accelerator().device_name() == "cuda"
                                        else "gloo")
         super().__init__()
-        # batch, accumulation and clipping are the trainer's (already merged into its config); DeepSpeed
-        # only needs a placeholder batch size to accept the config
-        self.ds_config = {k: v for k, v in ds_config.items() if v != "auto"}
-        self.ds_config["train_micro_batch_size_per_gpu"] = 1
-        if dtype == torch.bfloat16:
-            self.ds_config["bf16"] = {"enabled": True}
-        self.ds_config.pop("gradient_clipping", None)  # clipping is ours, on the primary adapter only
-        self.ds_config.pop("train_batch_size", None)
-        self.ds_config.pop("gradient_accumulation_steps", None)
-        zero = ds_config.get("zero_optimization", {})
-        self.stage = zero.get("stage", 0)
-        self.offload = zero.get("offload_param", {}).get("device", "none") == "cpu"
+        self.user_config = ds_config
+        self.ds_config: dict[str, Any] = {}  # what DeepSpeed receives: resolve()d once the model config is known
+        self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         self.name = f"deepspeed-zero{self.stage}"
+        unused = unused_line(ds_config)
+        if unused and self.is_main:
+            print(unused, flush=True)
         self._hf_ds_config = None
         self._offload: Any = None
 
@@ -48,6 +48,7 @@ class DeepSpeedEngine(DataParallelEngine):
             return super().build(path, dtype)
         from transformers.integrations import HfDeepSpeedConfig
 
+        self.ds_config = resolve(self.user_config, dtype == torch.bfloat16, hidden_size_of(load_config(path)))
         # While this object lives, from_pretrained builds the model under deepspeed.zero.Init (each rank
         # allocates only its partition) and loads the checkpoint into the partitions.
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
@@ -56,19 +57,14 @@ class DeepSpeedEngine(DataParallelEngine):
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.stage < 3:
             return model
-        from deepspeed.runtime.zero.offload_config import DeepSpeedZeroOffloadParamConfig
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
         from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
         from deepspeed.utils.timer import NoopTimer
 
-        zero = self.ds_config["zero_optimization"]
-        offload = DeepSpeedZeroOffloadParamConfig(device="cpu", pin_memory=zero["offload_param"].get(
-            "pin_memory", False)) if self.offload else None
-        options = {"param_persistence_threshold": zero.get("stage3_param_persistence_threshold", 1e5),
-                   "prefetch_bucket_size": zero.get("stage3_prefetch_bucket_size", 5e7),
-                   "max_live_parameters": zero.get("stage3_max_live_parameters", 1e9),
-                   "max_reuse_distance": zero.get("stage3_max_reuse_distance", 1e9)}
+        zero = DeepSpeedZeroConfig(**self.ds_config["zero_optimization"])  # DeepSpeed's own defaults
         self._offload = DeepSpeedZeRoOffload(model, timers=NoopTimer(), ds_config=self.ds_config,
-                                            offload_param_config=offload, **options)
+                                            offload_param_config=zero.offload_param,
+                                            **{name: getattr(zero, name) for name in _PARTITIONING})
         return model
 
     def release(self) -> None:

@@ -34,16 +34,20 @@ class FSDPEngine(DataParallelEngine):
 
     def build(self, path: str, dtype: torch.dtype) -> nn.Module:
         model = build_on_meta(path, dtype)
+        # to_empty gives every buffer new, uninitialised storage: keep the values the model computed
+        buffers = dict(model.named_buffers(remove_duplicate=False))
         for unit in shard_units(model):
             fully_shard(unit, mesh=self.mesh, mp_policy=self.mp_policy)
         fully_shard(model, mesh=self.mesh, mp_policy=self.mp_policy)
         model.to_empty(device=self.device)
-        self._load_local_shards(model, Path(path))
+        self._load_local_shards(model, Path(path), buffers)
         self._root = model
         return model
 
-    def _load_local_shards(self, model: nn.Module, path: Path) -> None:
-        """Read each checkpoint tensor (one at a time, memory-mapped) and keep this rank's shard of it."""
+    def _load_local_shards(self, model: nn.Module, path: Path, buffers: dict[str, torch.Tensor]) -> None:
+        """Read each checkpoint tensor (one at a time, memory-mapped) and keep this rank's shard of it;
+        a buffer the checkpoint does not hold (non-persistent ones: rotary frequencies, embedding
+        scales, ...) gets its value from `buffers`, as the model computed it."""
         index = safetensors_index(path, f"--model {path}: --engine fsdp needs a directory with .safetensors weights")
         tied = model.get_output_embeddings() is not None and \
             model.get_output_embeddings().weight is model.get_input_embeddings().weight
@@ -60,12 +64,8 @@ class FSDPEngine(DataParallelEngine):
                     param.to_local().copy_(local.to_local())
                 else:
                     param.copy_(full)
-            for name, buf in model.named_buffers():
-                if name in index:
-                    buf.copy_(handles[index[name]].get_tensor(name))
-        for module in model.modules():  # non-persistent buffers (rotary frequencies) are not in checkpoints
-            if "RotaryEmbedding" in type(module).__name__:
-                model._init_weights(module)
+            for name, buf in model.named_buffers(remove_duplicate=False):
+                buf.copy_(handles[index[name]].get_tensor(name) if name in index else buffers[name])
 
     def release(self) -> None:
         if self._root is not None:
