@@ -41,7 +41,7 @@ def worker(args: argparse.Namespace) -> None:
                       8 if args.worker == "bilora" else None, 1.0, seed=0)
     inject(model, bank)
     step = METHOD_STEPS[args.worker](model, bank, build_optimizer(bank, 1e-4, 0.0), Engine(), 1.0,
-                                     0.05 if args.worker == "bilora" else 0.01)
+                                     *{"bilora": [0.05], "lora-sam": [0.01]}.get(args.worker, []))
     size = args.micro_batch_size
     batches = [collate(examples[i * size:(i + 1) * size], tokenizer.pad_token_id) for i in range(args.steps + 1)]
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

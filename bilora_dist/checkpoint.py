@@ -223,4 +223,4 @@ def restore_bank(bank: AdapterBank, checkpoint: Checkpoint) -> None:
         current: Branch = bank.primary if name == "primary" else bank.aux
         if current is None or current.shapes != branch.shapes:
             raise UserError(f"--resume {checkpoint.path}: its {name} adapter covers other layers than this model's")
-        setattr(bank, name, branch.to(bank.primary.flat.device))
+        bank.replace_branch(name, branch.to(bank.primary.flat.device))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Callable
@@ -12,13 +11,6 @@ from bilora_dist.errors import UserError
 # bitsandbytes (the quant extra) warns on import, on CPUs with AVX512-BF16, that an optional kernel
 # package is missing; its CPU path works without it, and the line would sit in front of every message
 QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are UserErrors: one line, no usage dump."""
-
-    def error(self, message: str) -> None:
-        raise UserError(message)
 
 
 def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) -> int:

@@ -11,9 +11,8 @@ from typing import Any
 
 import yaml
 
-from bilora_dist.ds_config import merge_into, read_ds_config
-from bilora_dist.cli import OneLineParser
-from bilora_dist.errors import UserError, unknown_key_message
+from bilora_dist.ds_config import ds_updates, read_ds_config
+from bilora_dist.errors import OneLineParser, UserError, unknown_key_message
 
 METHODS = ("lora", "bilora", "lora-sam")
 ENGINES = ("auto", "single", "deepspeed", "fsdp")
@@ -204,6 +203,11 @@ def _load_yaml(path: str) -> dict[str, Any]:
     return checked
 
 
+def apply_ds_config(cfg: TrainConfig, ds: dict[str, Any], path: str, explicit: dict[str, str]) -> TrainConfig:
+    """`cfg` with the values the DeepSpeed config `ds` (read from `path`) sets (ds_config.ds_updates)."""
+    return dataclasses.replace(cfg, **ds_updates(dataclasses.asdict(cfg), ds, path, explicit))
+
+
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Build the run's configuration from YAML (if --config) and flags, validated and resolved."""
     given = vars(_parser().parse_args(argv))
@@ -214,6 +218,6 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     values.update(given)
     cfg = TrainConfig(**values)
     if cfg.ds_config:  # its values fill the defaults; one that differs from an explicit value is an error
-        cfg = merge_into(cfg, read_ds_config(cfg.ds_config), cfg.ds_config, explicit)
+        cfg = apply_ds_config(cfg, read_ds_config(cfg.ds_config), cfg.ds_config, explicit)
     validate(cfg)
     return cfg.resolved()

@@ -10,16 +10,16 @@ stepped by our AdamW. So a config maps onto the trainer in three ways:
   no meaning for a frozen base with replicated adapters; named once in one info line.
 - refused: anything that would change training and cannot be honoured, and misspelt keys.
 
-`read_ds_config` checks the file, `merge_into` sets the trainer's fields from it, `resolve` gives the
+`read_ds_config` checks the file, `ds_updates` gives the trainer's fields it sets, `resolve` gives the
 dict that reaches DeepSpeed: only honoured keys, no `"auto"` left.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from bilora_dist.errors import UserError, unknown_key_message
@@ -132,19 +132,21 @@ def unused_line(ds: dict[str, Any]) -> str | None:
             f"DeepSpeed's own logging): {', '.join(keys)}") if keys else None
 
 
-def merge_into(cfg: Any, ds: dict[str, Any], path: str, explicit: dict[str, str]) -> Any:
-    """`cfg` (a TrainConfig) with the values the ds_config sets. `explicit` maps each field given
-    explicitly (flag or --config YAML) to how it was given, e.g. {"micro_batch_size": "--micro-batch-size"}:
-    a ds value that differs from an explicit one is an error naming both, over a default it wins,
-    and "auto" keeps the trainer's value."""
-    updates: dict[str, tuple[str, Any]] = {}
+def ds_updates(current: Mapping[str, Any], ds: dict[str, Any], path: str,
+               explicit: dict[str, str]) -> dict[str, Any]:
+    """The trainer fields the ds_config sets, as {field: value}, given the `current` field values.
+    `explicit` maps each field given explicitly (flag or --config YAML) to how it was given, e.g.
+    {"micro_batch_size": "--micro-batch-size"}: a ds value that differs from an explicit one is an error
+    naming both, over a default it wins, and "auto" keeps the trainer's value."""
+    current_values = dict(current)
+    updates: dict[str, tuple[str, Any]] = {}  # field -> (ds key, value)
 
     def take(field: str, key: str, value: Any) -> None:
         if value == AUTO:
             return
-        current, shadowed = getattr(cfg, field), _SHADOWS.get(field)
+        current, shadowed = current_values[field], _SHADOWS.get(field)
         if shadowed in explicit:
-            raise UserError(f"{explicit[shadowed]} {_show(getattr(cfg, shadowed))} conflicts with --ds_config "
+            raise UserError(f"{explicit[shadowed]} {_show(current_values[shadowed])} conflicts with --ds_config "
                             f"{path} {key} {_show(value)}; give one of them")
         if field in explicit and value != current:
             raise UserError(f"{explicit[field]} {_show(current)} disagrees with --ds_config {path} {key} "
@@ -161,20 +163,21 @@ def merge_into(cfg: Any, ds: dict[str, Any], path: str, explicit: dict[str, str]
         take("bf16", "bf16.enabled", _flag(path, "bf16.enabled", ds["bf16"]["enabled"]))
     _merge_optimizer(path, ds.get("optimizer", {}).get("params", {}), take)
     _merge_scheduler(path, ds.get("scheduler", {}), take)
-    merged = dataclasses.replace(cfg, **{field: value for field, (_, value) in updates.items()})
+    merged = {**current_values, **{field: value for field, (_, value) in updates.items()}}
     total = ds.get("train_batch_size", AUTO)
     if total != AUTO:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if total != merged.micro_batch_size * merged.grad_accum * world:
-            raise UserError(f"--ds_config {path}: train_batch_size {total} != micro {merged.micro_batch_size} x "
-                            f"accum {merged.grad_accum} x world {world}")
-    return merged
+        micro, accum = merged["micro_batch_size"], merged["grad_accum"]
+        if total != micro * accum * world:
+            raise UserError(f"--ds_config {path}: train_batch_size {total} != micro {micro} x "
+                            f"accum {accum} x world {world}")
+    return {field: value for field, (_, value) in updates.items()}
 
 
 def resolve(ds: dict[str, Any], bf16: bool, hidden_size: int) -> dict[str, Any]:
     """The config DeepSpeed receives: the ZeRO stage and parameter partitioning/offload keys (under
     DeepSpeed's unprefixed names, `"auto"` resolved from the hidden size as transformers does) and the
-    precision. Batch, accumulation, clipping, optimizer and schedule are the trainer's (`merge_into`);
+    precision. Batch, accumulation, clipping, optimizer and schedule are the trainer's (`ds_updates`);
     DeepSpeed only needs a placeholder batch size to accept the config."""
     zero = ds.get("zero_optimization", {})
     resolved: dict[str, Any] = {"stage": zero.get("stage", 0)}

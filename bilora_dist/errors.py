@@ -1,5 +1,6 @@
 """The one exception type for user mistakes: printed as a single line, never as a traceback."""
 
+import argparse
 import difflib
 
 
@@ -11,3 +12,10 @@ def unknown_key_message(key: str, known: list[str]) -> str:
     """"unknown key 'X'" plus the nearest valid key, when one is close."""
     near = difflib.get_close_matches(key, known, n=1)
     return f"unknown key '{key}'" + (f" (did you mean '{near[0]}'?)" if near else "")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are UserErrors: one line, no usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(message)

@@ -17,8 +17,7 @@ import yaml
 from bilora_dist.adapters.bank import Branch
 from bilora_dist.adapters.inject import peft_target_modules
 from bilora_dist.checkpoint import MANIFEST, checkpoints_dir, find_checkpoint, load_checkpoint, verify
-from bilora_dist.cli import OneLineParser
-from bilora_dist.errors import UserError
+from bilora_dist.errors import OneLineParser, UserError
 from bilora_dist.export import PROVENANCE_FILE, save_peft_adapter
 from bilora_dist.merge import merge_into_base
 from bilora_dist.modeling import resolve_model

@@ -1,13 +1,17 @@
 """One optimizer step of each method: lora, bilora (specs/bilora.md), lora-sam (two-pass baseline).
 
-Gradients are taken of the *summed* token loss; one all-reduce over the bank's flat gradient
-bucket (which also carries the loss sum and token count) then divides by the global token count.
-A step therefore equals the single-process step on the same global batch, whatever the world size.
+Gradients are taken of the *summed* token loss; one all-reduce over the bank's gradient bucket (which
+also carries the loss sum and token count) then divides by the global token count. A step therefore
+equals the single-process step on the same global batch, whatever the world size.
+
+A method is a step class registered in METHOD_STEPS; `from_config` picks its options from the run's
+configuration, so a new method is one class plus one `register_method` call.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +19,9 @@ from torch import Tensor, nn
 from bilora_dist.adapters.bank import AdapterBank
 from bilora_dist.engines.base import Engine
 from bilora_dist.loss import token_loss_sum
+
+if TYPE_CHECKING:
+    from bilora_dist.config import TrainConfig
 
 
 @dataclass
@@ -27,10 +34,11 @@ class StepStats:
 
 def build_optimizer(bank: AdapterBank, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
                     eps: float = 1e-8) -> torch.optim.AdamW:
-    """One AdamW over the bank: the primary with the configured decay, the auxiliary with none."""
+    """One AdamW over the bank: the primary descends with the configured decay; the auxiliary (Bi-LoRA)
+    ascends (`maximize`) with none."""
     groups = [{"params": [bank.primary.flat], "weight_decay": weight_decay}]
     if bank.aux is not None:
-        groups.append({"params": [bank.aux.flat], "weight_decay": 0.0})
+        groups.append({"params": [bank.aux.flat], "weight_decay": 0.0, "maximize": True})
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
@@ -42,26 +50,29 @@ class LoRAStep:
     passes = 1
 
     def __init__(self, model: nn.Module, bank: AdapterBank, optimizer: torch.optim.Optimizer, engine: Engine,
-                 max_grad_norm: float, rho: float):
+                 max_grad_norm: float):
         self.model, self.bank, self.optimizer, self.engine = model, bank, optimizer, engine
-        self.max_grad_norm, self.rho = max_grad_norm, rho
-        self.bucket = bank.bind_grad_bucket(extra=2)
+        self.max_grad_norm = max_grad_norm
+        bank.bind_grad_bucket()  # the bank re-binds it whenever it replaces a branch (rank change)
 
-    def rebind(self) -> None:
-        """Re-attach the gradient bucket after the bank's tensors were replaced (rank change)."""
-        self.bucket = self.bank.bind_grad_bucket(extra=2)
+    @classmethod
+    def from_config(cls, model: nn.Module, bank: AdapterBank, optimizer: torch.optim.Optimizer, engine: Engine,
+                    cfg: TrainConfig) -> LoRAStep:
+        """The step with the options `cfg` sets for this method."""
+        return cls(model, bank, optimizer, engine, cfg.max_grad_norm)
 
     def forward_backward(self, micro_batches: list[dict[str, Tensor]]) -> tuple[float, int]:
         """Accumulate summed-loss gradients, reduce over ranks, normalise by the global token count."""
-        self.bucket.zero_()
+        bucket = self.bank.grad_bucket
+        assert bucket is not None
+        bucket.zero_()
         for batch in micro_batches:
             loss, tokens = token_loss_sum(self.model, batch)
             loss.backward()
-            self.bucket[-2] += loss.detach()
-            self.bucket[-1] += tokens
-        self.engine.all_reduce_sum_(self.bucket)
-        loss_sum, tokens = float(self.bucket[-2]), int(self.bucket[-1])
-        self.bucket.div_(max(tokens, 1))
+            bucket.add_loss(loss, tokens)
+        self.engine.all_reduce_sum_(bucket.flat)
+        loss_sum, tokens = bucket.loss_sum, bucket.tokens
+        bucket.flat.div_(max(tokens, 1))
         return loss_sum / max(tokens, 1), tokens
 
     def clip_primary(self) -> float:
@@ -79,20 +90,33 @@ class LoRAStep:
         return StepStats(loss, tokens, norm)
 
 
-class BiLoRAStep(LoRAStep):
-    """Bi-LoRA: one pass through both branches; primary descends, auxiliary ascends, then projection."""
+class _RadiusStep(LoRAStep):
+    """A method with a perturbation radius rho (`--rho`)."""
+
+    def __init__(self, model: nn.Module, bank: AdapterBank, optimizer: torch.optim.Optimizer, engine: Engine,
+                 max_grad_norm: float, rho: float):
+        super().__init__(model, bank, optimizer, engine, max_grad_norm)
+        self.rho = rho
+
+    @classmethod
+    def from_config(cls, model: nn.Module, bank: AdapterBank, optimizer: torch.optim.Optimizer, engine: Engine,
+                    cfg: TrainConfig) -> LoRAStep:
+        assert cfg.rho is not None, "cfg.resolved() sets rho"
+        return cls(model, bank, optimizer, engine, cfg.max_grad_norm, cfg.rho)
+
+
+class BiLoRAStep(_RadiusStep):
+    """Bi-LoRA: one pass through both branches; the primary descends, the auxiliary ascends (its AdamW
+    group has `maximize`), then the auxiliary is projected onto the rho-ball."""
 
     def __call__(self, micro_batches: list[dict[str, Tensor]]) -> StepStats:
         assert self.bank.aux is not None
-        loss, tokens = self.forward_backward(micro_batches)
-        norm = self.clip_primary()
-        self.bank.aux.flat.grad.neg_()  # Adam is sign-equivariant: descent on -g is exact ascent
-        self.optimizer.step()
-        before = self.bank.project_aux(self.rho)
-        return StepStats(loss, tokens, norm, aux_norm=min(before, self.rho))
+        stats = super().__call__(micro_batches)
+        stats.aux_norm = min(self.bank.project_aux(self.rho), self.rho)
+        return stats
 
 
-class SAMStep(LoRAStep):
+class SAMStep(_RadiusStep):
     """LoRA-SAM: gradient at theta, climb to theta + rho g/||g||, gradient there, restore, step."""
 
     passes = 2
@@ -111,4 +135,14 @@ class SAMStep(LoRAStep):
         return StepStats(loss, tokens, norm)
 
 
-METHOD_STEPS: dict[str, type[LoRAStep]] = {"lora": LoRAStep, "bilora": BiLoRAStep, "lora-sam": SAMStep}
+METHOD_STEPS: dict[str, type[LoRAStep]] = {}
+"""Every training method by its `--method` name."""
+
+
+def register_method(name: str, step: type[LoRAStep]) -> None:
+    """Make `step` the method `name` (`--method name`, checkpoints, metrics)."""
+    METHOD_STEPS[name] = step
+
+
+for _name, _step in (("lora", LoRAStep), ("bilora", BiLoRAStep), ("lora-sam", SAMStep)):
+    register_method(_name, _step)

@@ -1,88 +1,39 @@
-"""The training recipe: config -> model -> adapters -> engine -> data -> steps -> evaluation -> adapter.
+"""The training recipe, stage by stage: resolve the model → check the resume point → prepare the data →
+build the model and its adapters → restore the adapters → open the output directory → attach and wrap →
+loop (loop.py) → finish (evaluate, measure, write the adapter).
 
-The loop talks to the engine only through `Engine`'s methods and to the adapters only through the
-bank; which engine shards the base is invisible here.
+`_train` reads as that list; each stage is one function with the few inputs it needs.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from tqdm import tqdm
-from transformers import get_scheduler
 
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.adapters.bank import AdapterBank
 from bilora_dist.adapters.inject import check_rank, peft_target_modules
-from bilora_dist.checkpoint import (check_compatible, check_step_budget, checkpoints_dir, find_checkpoint,
-                                    load_checkpoint, read_state, restore_bank, save_checkpoint, set_rng_state)
+from bilora_dist.checkpoint import (Checkpoint, check_compatible, check_step_budget, checkpoints_dir, find_checkpoint,
+                                    load_checkpoint, read_state, restore_bank)
 from bilora_dist.config import TrainConfig
-from bilora_dist.data import BatchPlan, Prepared, collate, prepare_examples, to_device
+from bilora_dist.data import Prepared, prepare_examples
 from bilora_dist.data.tokenize import TokenizeOptions
 from bilora_dist.embedded import DEFAULT_EVAL, DEFAULT_TRAIN
 from bilora_dist.engines import Engine, make_engine, resolve_engine_name
 from bilora_dist.errors import UserError
-from bilora_dist.evaluation import choice_task, evaluate
+from bilora_dist.evaluation import choice_task
 from bilora_dist.export import save_peft_adapter
-from bilora_dist.methods import METHOD_STEPS, build_optimizer
+from bilora_dist.loop import Budget, RunData, TrainingLoop, say
 from bilora_dist.memory_plan import DEFAULT_PERSISTENCE_THRESHOLD, format_plan, plan_memory
-from bilora_dist.metrics import MetricsLog, truncate_metrics
+from bilora_dist.metrics import truncate_metrics
 from bilora_dist.modeling import build_on_meta, load_config, load_tokenizer, resolve_model
 from bilora_dist.preemption import StopRequest
-from bilora_dist.squeeze.branch import kept_energy_summary
-from bilora_dist.squeeze.schedule import apply_rank_change, parse_squeeze
-
-_SCHEDULER_NAMES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-
-
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """cfg's schedule; `--warmup-type log` warms up along DeepSpeed's Warmup* curve, log(step + 1) / log(warmup)."""
-    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = get_scheduler(_SCHEDULER_NAMES[cfg.scheduler], optimizer, num_warmup_steps=warmup,
-                              num_training_steps=total_steps)
-    if cfg.warmup_type == "log":
-        scale = math.log(max(2, warmup))  # DeepSpeed warms up over at least 2 steps
-
-        def log_warmup(after: Callable[[int], float]) -> Callable[[int], float]:
-            return lambda step: math.log(step + 1) / scale if step < warmup else after(step)
-
-        scheduler.lr_lambdas = [log_warmup(after) for after in scheduler.lr_lambdas]  # one per param group
-    return scheduler
-
-
-def _say(engine: Any, message: str) -> None:
-    if engine.is_main:
-        tqdm.write(message)
-
-
-def _holdings(engine: Engine, model: torch.nn.Module, bank: AdapterBank, optimizer: torch.optim.Optimizer,
-              dtype: torch.dtype, global_batch: int) -> dict[str, Any]:
-    """What every rank holds, measured from the engine: its part of the frozen base, the full adapters,
-    their gradient bucket (the bytes of the one all-reduce per step) and the optimizer state."""
-    held, total = engine.held_base_numel(model)
-    held_all = engine.gather_object(held)
-    adapters = sum(b.flat.numel() for b in bank.branches())
-    return {"engine": engine.name, "world_size": engine.world_size, "global_batch": global_batch,
-            "base_numel": total, "base_held_numel": held_all,
-            "base_held_bytes": [h * torch.finfo(dtype).bits // 8 for h in held_all],
-            "adapter_numel": adapters, "adapter_sync_bytes": bank.grad_bucket.numel() * bank.grad_bucket.element_size(),
-            "optimizer_state_bytes": sum(t.numel() * t.element_size() for state in optimizer.state.values()
-                                         for t in state.values() if torch.is_tensor(t))}
-
-
-def _check_replicas(engine: Engine, bank: AdapterBank, step: int) -> list[str]:
-    """Every rank's adapter digest (short form); raises if any two ranks differ."""
-    digests = engine.gather_object(bank.digest())
-    if len(set(digests)) > 1:
-        raise RuntimeError(f"adapter replicas diverged at step {step}: " + ", ".join(d[:16] for d in digests))
-    return [d[:16] for d in digests]
+from bilora_dist.squeeze.schedule import parse_squeeze
 
 
 def dry_run(cfg: TrainConfig) -> str:
@@ -130,7 +81,7 @@ def _resume_point(cfg: TrainConfig, out: Path, engine: Engine) -> Path | None:
             raise UserError(f"--output-dir {out} already holds a run (metrics.jsonl); pass --resume auto to "
                             "continue it, or choose another directory")
         return None
-    path = find_checkpoint(out, cfg.resume, lambda message: _say(engine, message))
+    path = find_checkpoint(out, cfg.resume, lambda message: say(engine, message))
     if path is None:
         if holds_run:
             raise UserError(f"--resume auto: {out} holds a run but no valid checkpoint in {checkpoints_dir(out)}")
@@ -151,148 +102,144 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
     engine = make_engine(cfg)
-    if engine.is_main:
-        resolve_model(cfg.model)  # converts the embedded model once, on one rank
-    engine.barrier()
-    model_path = resolve_model(cfg.model)
-    load_config(model_path)
+    model_path = resolve_model_once(cfg, engine)
     out = Path(cfg.output_dir)
     resume_from = _resume_point(cfg, out, engine)
+    data = prepare_data(cfg, engine, model_path)
+    model, bank, names = build_model_and_adapters(cfg, engine, model_path)
+    budget = Budget.of(cfg, engine.world_size, len(data.train_set))
+    squeeze = parse_squeeze(cfg.squeeze, budget.total_steps, cfg.rank, cfg.squeeze_min_stage,
+                            cfg.squeeze_ranks) if cfg.squeeze else None
+    checkpoint = restore_adapters(resume_from, bank, budget.total_steps)
+    engine.barrier()  # every rank has checked before the main rank starts writing (shared filesystems)
+    open_output_dir(cfg, engine, out, checkpoint)  # every input is valid from here on
+    model = attach_and_wrap(cfg, engine, model, bank)
+    loop = TrainingLoop(cfg, engine, model, bank, data, budget, squeeze, out, checkpoint, run_identity(cfg))
+    announce(cfg, loop, model_path, len(names))
+    before = None if checkpoint else loop.evaluate(0)
+    if before:
+        say(engine, f"before training: {before}")
+    stopped_at = loop.run(stop)
+    if stopped_at is not None:
+        result = {"before": before, "after": None, "steps": budget.total_steps, "stopped_at": stopped_at}
+    else:
+        after = finish(cfg, loop, model_path, names, resume_from)
+        result = {"before": before, "after": after, "steps": budget.total_steps}
+    loop.log.close()
+    engine.close()
+    return result
+
+
+def announce(cfg: TrainConfig, loop: TrainingLoop, model_path: str, n_layers: int) -> None:
+    """One line: method, model, adapter sizes, engine, global batch and step count."""
+    engine, bank, budget = loop.engine, loop.bank, loop.budget
+    say(engine, f"{cfg.method} on {model_path}: {n_layers} adapted layers, "
+                f"{bank.primary.flat.numel():,} primary + {bank.aux.flat.numel() if bank.aux else 0:,} aux params; "
+                f"engine {engine.name} x{engine.world_size}, global batch {cfg.micro_batch_size} x {cfg.grad_accum} "
+                f"x {engine.world_size} = {budget.global_batch}, {budget.total_steps} steps")
+
+
+def resolve_model_once(cfg: TrainConfig, engine: Engine) -> str:
+    """The model's local directory; the main rank converts the embedded model first, once."""
+    if engine.is_main:
+        resolve_model(cfg.model)
+    engine.barrier()
+    model_path = resolve_model(cfg.model)
+    load_config(model_path)  # an unusable model is refused before anything else is read
+    return model_path
+
+
+def prepare_data(cfg: TrainConfig, engine: Engine, model_path: str) -> RunData:
+    """Training and held-out examples, tokenized once by the main rank and memory-mapped by all."""
     tokenizer = load_tokenizer(model_path)
     options = TokenizeOptions(cfg.seq_len, cfg.train_on_prompt, cfg.last_turn_only)
 
-    def prepare(spec: str, flag: str) -> Prepared:  # tokenized once by the main rank, memory-mapped by all
+    def prepare(spec: str, flag: str) -> Prepared:
         return prepare_examples(spec, flag, tokenizer, options, cfg.data_format, cfg.data_workers, cfg.data_cache,
-                                engine, lambda message: _say(engine, message))
+                                engine, lambda message: say(engine, message))
 
     train_set = prepare(cfg.data or str(DEFAULT_TRAIN), "--data").examples
     eval_data = prepare(cfg.eval_data or str(DEFAULT_EVAL), "--eval-data")
-    eval_set = eval_data.examples
-    task = choice_task(eval_data, tokenizer, cfg.seq_len)
+    return RunData(train_set, eval_data.examples, choice_task(eval_data, tokenizer, cfg.seq_len),
+                   tokenizer.pad_token_id)
 
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    model = engine.build(model_path, dtype)
+
+def build_model_and_adapters(cfg: TrainConfig, engine: Engine,
+                             model_path: str) -> tuple[torch.nn.Module, AdapterBank, list[str]]:
+    """The frozen base as the engine loads it, its adapter bank (on the engine's device) and the adapted layers."""
+    model = engine.build(model_path, torch.bfloat16 if cfg.bf16 else torch.float32)
     names = select_targets(model, cfg.target_modules)
     bank = build_bank(layer_shapes(model, names), cfg.rank, cfg.alpha,
                       cfg.aux_rank if cfg.method == "bilora" else None, cfg.aux_scale, cfg.seed).to(engine.device)
-    global_batch = cfg.micro_batch_size * cfg.grad_accum * engine.world_size
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_set) / global_batch)
-    schedule = parse_squeeze(cfg.squeeze, total_steps, cfg.rank, cfg.squeeze_min_stage, cfg.squeeze_ranks) \
-        if cfg.squeeze else None
-    squeeze_at = dict(schedule.events) if schedule else {}
-    checkpoint = load_checkpoint(resume_from) if resume_from else None
-    if checkpoint:
-        check_step_budget(checkpoint.state, total_steps, checkpoint.path)
-        restore_bank(bank, checkpoint)
-    engine.barrier()  # every rank has checked before the main rank starts writing (shared filesystems)
-    # every input is valid from here on: only now touch the output directory
+    return model, bank, names
+
+
+def restore_adapters(resume_from: Path | None, bank: AdapterBank, total_steps: int) -> Checkpoint | None:
+    """The checkpoint resumed from (None: a fresh run), its branches put into `bank`."""
+    if resume_from is None:
+        return None
+    checkpoint = load_checkpoint(resume_from)
+    check_step_budget(checkpoint.state, total_steps, checkpoint.path)
+    restore_bank(bank, checkpoint)
+    return checkpoint
+
+
+def open_output_dir(cfg: TrainConfig, engine: Engine, out: Path, checkpoint: Checkpoint | None) -> None:
+    """The main rank writes the run's configuration and drops metrics rows a resumed run redoes."""
     if engine.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.yaml").write_text(cfg.to_yaml())
         if checkpoint:
             truncate_metrics(out, checkpoint.step)
+
+
+def attach_and_wrap(cfg: TrainConfig, engine: Engine, model: torch.nn.Module, bank: AdapterBank) -> torch.nn.Module:
+    """Hook the bank's updates into the target layers, then let the engine wrap the model for training."""
     inject(model, bank)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = engine.wrap(model)
     model.train()
+    return model
 
-    optimizer = build_optimizer(bank, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
-    scheduler = build_scheduler(cfg, optimizer, total_steps)
-    start_step, start_example, squeeze_history = 0, 0, []
-    if checkpoint:
-        optimizer.load_state_dict(checkpoint.optimizer)
-        scheduler.load_state_dict(checkpoint.scheduler)
-        set_rng_state(checkpoint.rng[engine.rank if len(checkpoint.rng) == engine.world_size else 0])
-        start_step, start_example = checkpoint.step, checkpoint.state["consumed"]
-        squeeze_history = checkpoint.state["squeeze_history"]
-        _say(engine, f"resuming from {checkpoint.path} (step {start_step}, example {start_example}, "
-                     f"saved by {checkpoint.state['world_size']} rank(s), global batch "
-                     f"{checkpoint.state['global_batch']})")
-    step_fn = METHOD_STEPS[cfg.method](model, bank, optimizer, engine, cfg.max_grad_norm, cfg.rho)
-    plan = BatchPlan(len(train_set), global_batch, cfg.seed, start_step, start_example)
-    log = MetricsLog(out, engine.is_main)
-    pad_id = tokenizer.pad_token_id
-    _say(engine, f"{cfg.method} on {model_path}: {len(names)} adapted layers, "
-                 f"{bank.primary.flat.numel():,} primary + {bank.aux.flat.numel() if bank.aux else 0:,} aux params; "
-                 f"engine {engine.name} x{engine.world_size}, global batch {cfg.micro_batch_size} x {cfg.grad_accum} "
-                 f"x {engine.world_size} = {global_batch}, {total_steps} steps")
 
-    def run_eval(step: int) -> dict[str, float]:
-        result = evaluate(model, bank, eval_set, task, engine, cfg.eval_batch_size, pad_id)
-        log.write({"step": step, **result})
-        return result
-
-    def save(step: int) -> Path:
-        state = {"step": step, "consumed": plan.consumed(step), "total_steps": total_steps,
-                 "global_batch": global_batch, "world_size": engine.world_size, "squeeze_history": squeeze_history,
-                 "identity": run_identity(cfg)}
-        return save_checkpoint(out, state, bank, optimizer, scheduler, cfg.to_yaml(), engine, cfg.keep_last)
-
-    before = None if checkpoint else run_eval(0)
-    if before:
-        _say(engine, f"before training: {before}")
-    start = time.perf_counter()
-    stopped_at = None
-    for step in tqdm(range(start_step, total_steps), desc=cfg.method, disable=not engine.is_main,
-                     dynamic_ncols=True, initial=start_step, total=total_steps):
-        batches = [to_device(collate([train_set[i] for i in mb], pad_id), engine.device)
-                   for mb in plan.micro_batches(step, engine.rank, engine.world_size, cfg.grad_accum)]
-        t0 = time.perf_counter()
-        stats = step_fn(batches)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        seen = sum(int(b["attention_mask"].sum()) for b in batches) * engine.world_size
-        last = step + 1 == total_steps
-        row: dict[str, Any] = {}
-        if step + 1 in squeeze_at:
-            reports = apply_rank_change(bank, squeeze_at[step + 1], optimizer, engine, cfg.squeeze_optimizer,
-                                        cfg.squeeze_aux)
-            step_fn.rebind()
-            event = {"step": step + 1, "mode": schedule.mode, "rank": squeeze_at[step + 1],
-                     **kept_energy_summary(reports)}
-            squeeze_history.append(event)
-            row.update(squeeze_rank=event["rank"], kept_energy=event["kept_energy_mean"],
-                       kept_energy_min=event["kept_energy_min"])
-        if (step + 1) % cfg.log_every == 0 or last:
-            row.update(loss=stats.loss, lr=lr, grad_norm=stats.grad_norm, rank=max(bank.primary.ranks),
-                       tokens_per_s=seen / (time.perf_counter() - t0), elapsed_s=time.perf_counter() - start)
-            if stats.aux_norm is not None:
-                row["aux_norm"] = stats.aux_norm
-        if cfg.replica_check_every and ((step + 1) % cfg.replica_check_every == 0 or last):
-            row["adapter_sha256"] = _check_replicas(engine, bank, step + 1)
-        stopping = stop.agreed(engine)
-        if stopping:
-            row["stopped_by"] = stop.received or "signal on another rank"
-        if row:
-            log.write({"step": step + 1, **row})
-        if last or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            saved = save(step + 1)
-            if stopping:
-                _say(engine, f"stopped by {row['stopped_by']} after step {step + 1}; checkpoint {saved}; "
-                             "continue with --resume auto")
-                stopped_at = step + 1
-                break
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:
-            run_eval(step + 1)
-    if stopped_at is not None:
-        log.close()
-        engine.close()
-        return {"before": before, "after": None, "steps": total_steps, "stopped_at": stopped_at}
-    train_s = time.perf_counter() - start
-    after = run_eval(total_steps)
-    _say(engine, f"after training:  {after}")
+def finish(cfg: TrainConfig, loop: TrainingLoop, model_path: str, names: list[str],
+           resume_from: Path | None) -> dict[str, float]:
+    """Evaluate after training, log time, memory and holdings, write the PEFT adapter; the evaluation."""
+    engine, bank = loop.engine, loop.bank
+    train_s = time.perf_counter() - loop.started
+    after = loop.evaluate(loop.budget.total_steps)
+    say(engine, f"after training:  {after}")
     peaks = engine.gather_object(engine.peak_memory_bytes())
-    log.write({"step": total_steps, "train_s": train_s, "peak_mem_mb": [round(b / 2**20, 1) for b in peaks],
-               **_holdings(engine, model, bank, optimizer, dtype, global_batch)})
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    loop.log.write({"step": loop.budget.total_steps, "train_s": train_s,
+                    "peak_mem_mb": [round(b / 2**20, 1) for b in peaks], **_holdings(loop, dtype)})
     if engine.is_main:
         provenance = {"method": cfg.method, "rho": cfg.rho, "rank": cfg.rank, "alpha": cfg.alpha,
-                      "aux_rank": cfg.aux_rank if cfg.method == "bilora" else None, "steps": total_steps,
+                      "aux_rank": cfg.aux_rank if cfg.method == "bilora" else None, "steps": loop.budget.total_steps,
                       "engine": engine.name, "world_size": engine.world_size, "squeeze": cfg.squeeze or None,
-                      "squeeze_history": squeeze_history, "resumed_from": str(resume_from) if resume_from else None}
-        save_peft_adapter(bank.primary, out / "adapter", peft_target_modules(cfg.target_modules, names),
-                          cfg.model or model_path, provenance)  # a hub id stays a hub id
-        _say(engine, f"adapter written to {out / 'adapter'}")
-    log.close()
-    engine.close()
-    return {"before": before, "after": after, "steps": total_steps}
+                      "squeeze_history": loop.squeeze_history,
+                      "resumed_from": str(resume_from) if resume_from else None}
+        save_peft_adapter(bank.primary, Path(cfg.output_dir) / "adapter",
+                          peft_target_modules(cfg.target_modules, names), cfg.model or model_path,
+                          provenance)  # a hub id stays a hub id
+        say(engine, f"adapter written to {Path(cfg.output_dir) / 'adapter'}")
+    return after
+
+
+def _holdings(loop: TrainingLoop, dtype: torch.dtype) -> dict[str, Any]:
+    """What every rank holds, measured from the engine: its part of the frozen base, the full adapters,
+    their gradient bucket (the bytes of the one all-reduce per step) and the optimizer state."""
+    engine, bank = loop.engine, loop.bank
+    held, total = engine.held_base_numel(loop.model)
+    held_all = engine.gather_object(held)
+    bucket = bank.grad_bucket.flat if bank.grad_bucket is not None else torch.empty(0)
+    return {"engine": engine.name, "world_size": engine.world_size, "global_batch": loop.budget.global_batch,
+            "base_numel": total, "base_held_numel": held_all,
+            "base_held_bytes": [h * torch.finfo(dtype).bits // 8 for h in held_all],
+            "adapter_numel": sum(b.flat.numel() for b in bank.branches()),
+            "adapter_sync_bytes": bucket.numel() * bucket.element_size(),
+            "optimizer_state_bytes": sum(t.numel() * t.element_size() for state in loop.optimizer.state.values()
+                                         for t in state.values() if torch.is_tensor(t))}
+
+

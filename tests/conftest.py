@@ -7,21 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from bilora_dist.embedded import DEFAULT_TRAIN, default_model_dir
 from bilora_dist.modeling import load_tokenizer
+from tests_support import tiny_llama_config
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
     return load_tokenizer(str(default_model_dir()))
-
-
-def tiny_llama_config(vocab_size: int) -> LlamaConfig:
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,9 +22,8 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, 
 from bilora_dist.adapters.inject import select_targets
 from bilora_dist.errors import UserError
 from bilora_dist.modeling import build_on_meta, resolve_model
-from test_distributed import free_port, run_env
+from tests_support import ROOT, run_cmd, run_env, run_ok, two_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
 RANKS = {"single": (0,), "deepspeed": (0, 1), "fsdp": (0, 1)}
 
@@ -75,8 +73,7 @@ def hub(tmp_path_factory, tokenizer) -> Path:
 
 
 def hub_env(cache: Path) -> dict[str, str]:
-    return {**run_env(), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
-            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    return run_env(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
 
 
 def snapshot(cache: Path, arch: str) -> Path:
@@ -109,13 +106,9 @@ def runs(tmp_path_factory, hub, probe):
         if kind not in cache:
             out = tmp_path_factory.mktemp(kind)
             torch.save(probe, out / "probe.pt")
-            launcher = {"single": [sys.executable],
-                        "deepspeed": ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())],
-                        "fsdp": ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port())]}[kind]
-            cmd = launcher + [str(ROOT / "tests" / "arch_worker.py"), kind, str(out),
-                              *[f"tiny/{arch}" for arch in ARCHS]]
-            proc = subprocess.run(cmd, cwd=ROOT, env=hub_env(hub), capture_output=True, text=True, timeout=900)
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            start = [sys.executable] if kind == "single" else two_ranks(kind)
+            run_ok(start + [str(ROOT / "tests" / "arch_worker.py"), kind, str(out), *[f"tiny/{arch}" for arch in ARCHS]],
+                   env=hub_env(hub), timeout=900)
             cache[kind] = out
         return cache[kind]
 
@@ -153,16 +146,12 @@ def test_train_and_merged_export_resolve_a_cached_hub_id(hub, probe, reference, 
     from peft import PeftModel
 
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "launch/train.py", "--model", "tiny/qwen2", "--data", str(module_data[0]),
-                           "--eval-data", str(module_data[1]), "--max-steps", "2", "--micro-batch-size", "4",
-                           "--lr", "1e-2", "--seq-len", "64", "--output-dir", str(run)],
-                          cwd=ROOT, env=hub_env(hub), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_ok([sys.executable, "launch/train.py", "--model", "tiny/qwen2", "--data", str(module_data[0]),
+            "--eval-data", str(module_data[1]), "--max-steps", "2", "--micro-batch-size", "4", "--lr", "1e-2",
+            "--seq-len", "64", "--output-dir", str(run)], env=hub_env(hub))
     checkpoint = run / "checkpoints" / "step_2"  # names its base as trained: tiny/qwen2
-    proc = subprocess.run([sys.executable, "launch/export.py", "--checkpoint", str(checkpoint), "--out",
-                           str(tmp_path / "merged"), "--merged"], cwd=ROOT, env=hub_env(hub),
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_ok([sys.executable, "launch/export.py", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "merged"),
+            "--merged"], env=hub_env(hub))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(snapshot(hub, "qwen2")),
                                      run / "adapter").eval()
@@ -173,9 +162,8 @@ def test_train_and_merged_export_resolve_a_cached_hub_id(hub, probe, reference, 
 
     empty = tmp_path / "empty_cache"
     empty.mkdir()
-    proc = subprocess.run([sys.executable, "launch/export.py", "--checkpoint", str(checkpoint), "--out",
-                           str(tmp_path / "merged2"), "--merged"], cwd=ROOT, env=hub_env(empty),
-                          capture_output=True, text=True)
+    proc = run_cmd([sys.executable, "launch/export.py", "--checkpoint", str(checkpoint), "--out",
+                    str(tmp_path / "merged2"), "--merged"], env=hub_env(empty))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: --merged: the adapter's base model tiny/qwen2: neither a local directory nor a model in the "
@@ -195,9 +183,8 @@ def test_resolve_model_finds_cached_snapshots_only(hub, monkeypatch, tmp_path):
 
 
 def test_fsdp_dry_run_plans_a_cached_hub_id(hub):
-    proc = subprocess.run([sys.executable, "launch/train.py", "--dry-run", "--engine", "fsdp", "--plan-ranks", "2",
-                           "--model", "tiny/gemma3"], cwd=ROOT, env=hub_env(hub), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_ok([sys.executable, "launch/train.py", "--dry-run", "--engine", "fsdp", "--plan-ranks", "2",
+                   "--model", "tiny/gemma3"], env=hub_env(hub))
     plan = json.loads(proc.stdout.strip().splitlines()[-1])
     assert plan["engine"] == "fsdp" and len(plan["ranks"]) == 2
 

@@ -63,7 +63,7 @@ def test_projection_puts_aux_on_the_rho_sphere_and_leaves_small_aux_alone():
 
 def test_grad_bucket_views_accumulate_in_place():
     bank = AdapterBank(SHAPES, _branch(seed=1, dtype=torch.float64), _branch(seed=2, dtype=torch.float64))
-    bucket = bank.bind_grad_bucket(extra=2)
+    bucket = bank.bind_grad_bucket().flat
     ptr = bank.primary.flat.grad.data_ptr()
     x = torch.randn(5, 16, dtype=torch.float64)
     for _ in range(2):

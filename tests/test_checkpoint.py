@@ -16,10 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from bilora_dist.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, verify
-from test_distributed import launcher, read_metrics, run_env, step_rows
-from tests_support import assert_trained_close, checkpoint_fixture
+from tests_support import (ROOT, assert_trained_close, checkpoint_fixture, launcher, read_metrics, run_cmd, run_env,
+                           run_ok, step_rows, tiny_llama_config)
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS, SAVE_AT = 8, 4
 # Bi-LoRA whose primary is squeezed 8 -> 4 after step 6: between the step-4 checkpoint and the end
 SQUEEZE = ["--rank", "8", "--squeeze", "cont:8->4@6", "--squeeze-min-stage", "1"]
@@ -30,12 +29,6 @@ def args(model: Path, data: tuple[Path, Path], out: Path, accum: int, *extra: st
             "--max-steps", str(STEPS), "--micro-batch-size", "4", "--grad-accum", str(accum), "--lr", "2e-3",
             "--warmup-ratio", "0", "--rho", "0.02", "--save-every", str(SAVE_AT), "--keep-last", "0",
             "--output-dir", str(out), *SQUEEZE, *extra]
-
-
-def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600, **kwargs)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def assert_identical_from(resumed: Path, full: Path, step: int) -> None:
@@ -64,7 +57,7 @@ def full_run(tmp_path_factory, tiny_model_dir, module_data):
     def get(kind: str) -> Path:
         if kind not in cache:
             cache[kind] = tmp_path_factory.mktemp(f"full_{kind}") / "run"
-            run(launcher(kind) + args(tiny_model_dir, module_data, cache[kind], 2 if kind == "single" else 1))
+            run_ok(launcher(kind) + args(tiny_model_dir, module_data, cache[kind], 2 if kind == "single" else 1))
         return cache[kind]
 
     return get
@@ -75,7 +68,7 @@ def test_resume_continues_bit_identically(kind, full_run, tiny_model_dir, module
     accum = 2 if kind == "single" else 1
     full, resumed = full_run(kind), tmp_path / "resumed"
     assert [p.name for p in list_checkpoints(full / "checkpoints")] == [f"step_{STEPS}", f"step_{SAVE_AT}"]
-    proc = run(launcher(kind) + args(tiny_model_dir, module_data, resumed, accum,
+    proc = run_ok(launcher(kind) + args(tiny_model_dir, module_data, resumed, accum,
                                      "--resume", str(full / "checkpoints" / f"step_{SAVE_AT}")))
     assert f"resuming from {full / 'checkpoints' / f'step_{SAVE_AT}'}" in proc.stdout + proc.stderr
     assert_identical_from(resumed, full, SAVE_AT)
@@ -94,7 +87,7 @@ def test_resume_on_another_world_size(full_run, tiny_model_dir, module_data, tmp
     """A one-process checkpoint continued by 2 FSDP ranks (same global batch) ends where the one-process run does,
     up to summation order (the squeeze after step 6 included)."""
     full, resumed = full_run("single"), tmp_path / "resumed"
-    run(launcher("fsdp") + args(tiny_model_dir, module_data, resumed, 1,
+    run_ok(launcher("fsdp") + args(tiny_model_dir, module_data, resumed, 1,
                                 "--resume", str(full / "checkpoints" / f"step_{SAVE_AT}")))
     want = trained_factors(full / "checkpoints" / f"step_{STEPS}")
     assert len(want) == 4 * 14  # A and B of 14 layers, primary and auxiliary
@@ -104,7 +97,7 @@ def test_resume_on_another_world_size(full_run, tiny_model_dir, module_data, tmp
 def test_sigterm_saves_and_resume_auto_finishes_the_run(full_run, tiny_model_dir, module_data, tmp_path):
     full, stopped = full_run("single"), tmp_path / "stopped"
     cmd = launcher("single") + args(tiny_model_dir, module_data, stopped, 2, "--save-every", "0")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**run_env(), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:  # the run announces itself once the model is loaded, before step 1
         if line.startswith("bilora on"):
@@ -117,7 +110,7 @@ def test_sigterm_saves_and_resume_auto_finishes_the_run(full_run, tiny_model_dir
     at = stop_rows[0]["step"]
     assert 1 <= at < STEPS and [p.name for p in list_checkpoints(stopped / "checkpoints")] == [f"step_{at}"]
     assert f"stopped by SIGTERM after step {at}" in output and not (stopped / "adapter").exists()
-    proc = run(cmd + ["--resume", "auto"])
+    proc = run_ok(cmd + ["--resume", "auto"])
     assert f"resuming from {stopped / 'checkpoints' / f'step_{at}'}" in proc.stdout + proc.stderr
     assert_identical_from(stopped, full, at)
     assert [r["step"] for r in step_rows(stopped)] == list(range(1, STEPS + 1))  # no step logged twice
@@ -176,7 +169,7 @@ def test_keep_last_prunes_older_checkpoints(tmp_path):
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory, tiny_model_dir, module_data) -> Path:
     out = tmp_path_factory.mktemp("saved") / "run"
-    run(launcher("single") + args(tiny_model_dir, module_data, out, 2, "--max-steps", "4", "--squeeze-min-stage", "0",
+    run_ok(launcher("single") + args(tiny_model_dir, module_data, out, 2, "--max-steps", "4", "--squeeze-min-stage", "0",
                                   "--squeeze", "cont:8->4@2"))
     return out
 
@@ -185,8 +178,6 @@ def saved_run(tmp_path_factory, tiny_model_dir, module_data) -> Path:
                                            (["--squeeze", "cont:8->2@2"], "--squeeze"), (["--model", "OTHER"], "--model")])
 def test_incompatible_resume_is_refused(saved_run, change, named, module_data, tmp_path, tiny_model_dir):
     from transformers import LlamaForCausalLM
-
-    from conftest import tiny_llama_config
 
     if "OTHER" in change:
         other = tmp_path / "other_model"
@@ -199,7 +190,7 @@ def test_incompatible_resume_is_refused(saved_run, change, named, module_data, t
     cmd = launcher("single") + args(tiny_model_dir, module_data, saved_run, 2, "--max-steps", "4",
                                     "--squeeze", "cont:8->4@2", "--squeeze-min-stage", "0", *change,
                                     "--resume", str(saved_run / "checkpoints" / "step_4"))
-    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    proc = run_cmd(cmd, timeout=300)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --resume") and named in lines[0], proc.stderr
@@ -210,11 +201,10 @@ def test_unsupported_checkpoint_and_resume_errors(saved_run, tmp_path, module_da
     base = launcher("single") + args(tiny_model_dir, module_data, tmp_path / "new", 2)
     for extra, message in ((["--resume", str(tmp_path / "nowhere")], "no such checkpoint directory"),
                            (["--resume", str(saved_run)], "no manifest.json")):
-        proc = subprocess.run(base + extra, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+        proc = run_cmd(base + extra, timeout=300)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     # an output directory that holds a run is never overwritten without --resume
-    proc = subprocess.run(launcher("single") + args(tiny_model_dir, module_data, saved_run, 2), cwd=ROOT,
-                          env=run_env(), capture_output=True, text=True, timeout=300)
+    proc = run_cmd(launcher("single") + args(tiny_model_dir, module_data, saved_run, 2), timeout=300)
     assert proc.returncode == 2 and "--resume auto" in proc.stderr
     assert not (tmp_path / "new").exists()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,8 +12,7 @@ import yaml
 
 from bilora_dist.cli import run_cli, train_main
 from bilora_dist.config import parse_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests_support import run_cmd
 
 
 def _fail(capsys, argv: list[str]) -> str:
@@ -132,8 +130,7 @@ def test_aux_scale_must_be_positive(capsys, base_args):
 
 
 def test_launcher_prints_one_line_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "launch/train.py", "--rho", "-1"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = run_cmd([sys.executable, "launch/train.py", "--rho", "-1"], timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: --rho must be >= 0, got -1.0"
     assert "Traceback" not in proc.stderr

@@ -6,7 +6,6 @@ import copy
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,8 +20,8 @@ from bilora_dist.data.tokenize import TokenizeOptions
 from bilora_dist.embedded import DEFAULT_EVAL, DEFAULT_TRAIN
 from bilora_dist.errors import UserError
 from bilora_dist.evaluation import choice_task
+from tests_support import ROOT, run_cmd, run_ok, two_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
 CHAT = {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]}
 
 
@@ -120,8 +119,7 @@ def test_killed_run_leaves_no_cache_entry_that_is_read_later(tokenizer, tmp_path
               "pathlib.Path.rename = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
               "prepare_examples(sys.argv[1], '--data', load_tokenizer(str(default_model_dir())), "
               "TokenizeOptions(64), cache=sys.argv[2])\n")
-    proc = subprocess.run([sys.executable, "-c", script, str(data), str(cache)], cwd=ROOT, capture_output=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    proc = run_cmd([sys.executable, "-c", script, str(data), str(cache)], timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     (partial,) = cache.iterdir()
     assert partial.name.startswith(".tmp-") and (partial / "dataset").is_dir()
@@ -220,16 +218,12 @@ def test_bad_inputs_are_one_line_errors_naming_file_and_row(tokenizer, tmp_path,
 def test_two_ranks_tokenize_once_and_read_the_same_examples(tmp_path, train_records):
     data = _write_jsonl(tmp_path / "d.jsonl", train_records[:12])
     bad = _write_jsonl(tmp_path / "bad.jsonl", train_records[:3] + [{"prompt": "a", "completion": ""}])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     results = {}
     for name, spec in (("good", data), ("bad", bad)):
         out = tmp_path / name
         out.mkdir()
-        proc = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                               str(ROOT / "tests" / "data_pipeline_worker.py"), str(out), str(spec),
-                               str(tmp_path / "cache")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_ok(two_ranks("torchrun") + [str(ROOT / "tests" / "data_pipeline_worker.py"), str(out), str(spec),
+                                        str(tmp_path / "cache")], timeout=300)
         results[name] = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     rank0, rank1 = results["good"]
     assert rank0["tokenized"] == 12 and rank1["tokenized"] == 0
@@ -237,11 +231,3 @@ def test_two_ranks_tokenize_once_and_read_the_same_examples(tmp_path, train_reco
     # the main rank's error reaches the other rank as the same line instead of leaving it waiting
     assert results["bad"][0]["error"] == results["bad"][1]["error"]
     assert results["bad"][0]["error"].endswith("line 4: 'completion' is empty")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -8,9 +8,7 @@ single run up to summation order.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,37 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests_support import assert_trained_close
+from tests_support import (ROOT, assert_trained_close, free_port, launcher, read_metrics, run_env, run_ok,
+                           step_rows)
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 # loss, gradient norm and auxiliary norm of every step: sums of the same terms in another order (a 1-ulp change of
 # every base weight moves them by 2.3e-7, 16 ulps by 1.2e-6)
 METRIC_RTOL = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launcher(kind: str) -> list[str]:
-    if kind == "single":
-        return [sys.executable, "launch/train.py"]
-    if kind.startswith("zero"):
-        return ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-                "--ds_config", f"ds_configs/{kind}.json"]
-    return ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "launch/train.py",
-            "--engine", "fsdp"]
-
-
-def run_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def train_args(model: Path, data: tuple[Path, Path], out: Path, method: str, accum: int) -> list[str]:
@@ -67,17 +41,11 @@ def runs(tmp_path_factory, tiny_model_dir, module_data):
         if (kind, method, extra) not in cache:
             out = tmp_path_factory.mktemp(f"{kind}_{method}") / "run"
             cmd = launcher(kind) + train_args(tiny_model_dir, module_data, out, method, 2 if kind == "single" else 1)
-            proc = subprocess.run(cmd + list(extra), cwd=ROOT, env=run_env(), capture_output=True, text=True,
-                                  timeout=600)
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            run_ok(cmd + list(extra))
             cache[kind, method, extra] = out
         return cache[kind, method, extra]
 
     return get
-
-
-def step_rows(out: Path) -> list[dict]:
-    return [r for r in read_metrics(out) if "loss" in r]
 
 
 def summary(out: Path) -> dict:
@@ -119,9 +87,7 @@ def test_comparison_holds_under_summation_order_noise_and_catches_real_errors(ru
     save_file({k: w * (1 + eps * (2 * torch.rand(w.shape, generator=gen) - 1))
                for k, w in load_file(model / "model.safetensors").items()}, model / "model.safetensors",
               metadata={"format": "pt"})
-    proc = subprocess.run(launcher("single") + train_args(model, module_data, out, "bilora", 2), cwd=ROOT,
-                          env={**run_env(), "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ok(launcher("single") + train_args(model, module_data, out, "bilora", 2), env=run_env(OMP_NUM_THREADS="2"))
     assert_same_training(out, ref)
     adapter, want = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, ref))
     key = next(iter(want))
@@ -179,9 +145,8 @@ def test_two_nodes_match_one_node(runs, tiny_model_dir, module_data, tmp_path):
 
 def test_memory_plan_matches_what_the_engines_hold(runs, tiny_model_dir):
     for kind, flags in (("zero3", ["--ds_config", "ds_configs/zero3.json"]), ("fsdp", ["--engine", "fsdp"])):
-        proc = subprocess.run([sys.executable, "launch/train.py", "--dry-run", "--plan-ranks", "2",
-                               "--model", str(tiny_model_dir), *flags], cwd=ROOT, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        proc = run_ok([sys.executable, "launch/train.py", "--dry-run", "--plan-ranks", "2",
+                       "--model", str(tiny_model_dir), *flags])
         plan = json.loads(proc.stdout.strip().splitlines()[-1])
         real = summary(runs(kind, "bilora"))
         for rank, planned in enumerate(plan["ranks"]):
@@ -192,10 +157,8 @@ def test_memory_plan_matches_what_the_engines_hold(runs, tiny_model_dir):
 
 
 def test_dry_run_plans_llama2_7b_on_eight_ranks_without_allocating():
-    proc = subprocess.run([sys.executable, "launch/train.py", "--dry-run", "--plan-ranks", "8", "--bf16",
-                           "--model", "benchmarks/model_configs/llama-2-7b", "--ds_config", "ds_configs/zero3.json"],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_ok([sys.executable, "launch/train.py", "--dry-run", "--plan-ranks", "8", "--bf16",
+                   "--model", "benchmarks/model_configs/llama-2-7b", "--ds_config", "ds_configs/zero3.json"])
     plan = json.loads(proc.stdout.strip().splitlines()[-1])
     assert plan["engine"] == "zero3" and len(plan["ranks"]) == 8
     n_params = 6_738_415_616  # Llama-2-7B

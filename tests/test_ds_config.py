@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,13 +14,13 @@ import torch
 from deepspeed.runtime.lr_schedules import WarmupDecayLR, WarmupLR
 from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-from bilora_dist.config import TrainConfig, parse_config
-from bilora_dist.ds_config import merge_into, read_ds_config, resolve, unused_keys, unused_line
+from bilora_dist.config import TrainConfig, apply_ds_config, parse_config
+from bilora_dist.ds_config import read_ds_config, resolve, unused_keys, unused_line
 from bilora_dist.errors import UserError
+from bilora_dist.loop import build_scheduler
 from bilora_dist.methods import build_optimizer
-from bilora_dist.trainer import build_scheduler, dry_run
-from test_distributed import ROOT, free_port, read_metrics, run_env
-from tests_support import fixture_bank
+from bilora_dist.trainer import dry_run
+from tests_support import ROOT, fixture_bank, run_cmd, step_rows, two_ranks
 
 DATA = ROOT / "tests" / "data" / "ds_configs"
 HIDDEN = 64
@@ -79,7 +78,7 @@ def test_every_fetched_config_is_stored():
 def test_fetched_config_reads_resolves_and_maps(name):
     stage, pin, bf16, live, reuse, schedule = EXPECTED[name]
     ds = read_ds_config(str(DATA / name))
-    cfg = merge_into(TrainConfig(), ds, name, {})
+    cfg = apply_ds_config(TrainConfig(), ds, name, {})
     assert (cfg.bf16, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm, cfg.lr) == (bf16, 8, 1, 1.0, 5e-4)
     assert (cfg.scheduler, cfg.warmup_type) == ((schedule, "log") if schedule else ("cosine", "linear"))
     resolved = resolve(ds, cfg.bf16, HIDDEN)
@@ -228,18 +227,17 @@ def test_dry_run_resolves_nested_auto(tmp_path, tiny_model_dir):
     assert plan("auto") == plan(10 * 32)  # the tiny model's hidden size is 32
 
 
+@pytest.mark.slow
 def test_fetched_zero_configs_run_two_steps_under_deepspeed(tmp_path, tiny_model_dir, module_data):
     """Each config, verbatim, trains 2 steps on 2 ranks; the unused keys are named once, by rank 0.
     Two launches at a time: most of a launch is process start-up, which leaves the cores half idle."""
     def launch(name: str) -> str | None:
         out = tmp_path / name.replace("/", "_")
-        proc = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
-                               "--ds_config", str(DATA / name), "--model", str(tiny_model_dir),
-                               "--data", str(module_data[0]), "--eval-data", str(module_data[1]), "--max-steps", "2",
-                               "--micro-batch-size", "2", "--seq-len", "64", "--eval-batch-size", "16",
-                               "--output-dir", str(out)], cwd=ROOT, env=run_env(), capture_output=True, text=True,
-                              timeout=600)
-        steps = [r["step"] for r in read_metrics(out) if "loss" in r] if proc.returncode == 0 else []
+        proc = run_cmd(two_ranks("deepspeed") + [
+            "launch/train.py", "--ds_config", str(DATA / name), "--model", str(tiny_model_dir), "--data",
+            str(module_data[0]), "--eval-data", str(module_data[1]), "--max-steps", "2", "--micro-batch-size", "2",
+            "--seq-len", "64", "--eval-batch-size", "16", "--output-dir", str(out)])
+        steps = [r["step"] for r in step_rows(out)] if proc.returncode == 0 else []
         if steps == [1, 2] and proc.stdout.count("ds_config: not used") == 1:
             return None
         return f"{name}: rc {proc.returncode}, step rows {steps}\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}"

@@ -21,16 +21,11 @@ from bilora_dist.adapters.bank import Branch
 from bilora_dist.cli import run_cli
 from bilora_dist.export import save_peft_adapter
 from bilora_dist.export_cli import export_main
-from test_distributed import launcher, run_env
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests_support import launcher, run_ok
 
 
 def export(*argv: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "launch/export.py", *argv], cwd=ROOT, env=run_env(), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return run_ok([sys.executable, "launch/export.py", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +35,7 @@ def trained(tmp_path_factory, tiny_model_dir, module_data) -> Path:
     cmd = launcher("zero3") + ["--model", str(tiny_model_dir), "--data", str(module_data[0]), "--eval-data",
                                str(module_data[1]), "--max-steps", "4", "--micro-batch-size", "4", "--lr", "1e-2",
                                "--output-dir", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_ok(cmd)
     return out
 
 
@@ -218,10 +212,8 @@ def test_merge_of_the_default_model_streams(tmp_path):
         bank.primary.flat.normal_(0, 0.01)
     save_peft_adapter(bank.primary, tmp_path / "adapter", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                            "up_proj", "down_proj"], str(model_dir), {})
-    proc = subprocess.run([sys.executable, "-c", MEASURE, "--checkpoint", str(tmp_path / "adapter"), "--out",
-                           str(tmp_path / "merged"), "--merged", "--shard-size", "64MB"], cwd=ROOT, env=run_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_ok([sys.executable, "-c", MEASURE, "--checkpoint", str(tmp_path / "adapter"), "--out",
+                   str(tmp_path / "merged"), "--merged", "--shard-size", "64MB"])
     extra_mb = int(proc.stdout.split("extra_kib")[1]) / 1024
     model_mb = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20
     merged_mb = sum(f.stat().st_size for f in (tmp_path / "merged").glob("*.safetensors")) / 2**20

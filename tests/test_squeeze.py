@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +13,8 @@ from safetensors.torch import save_file
 
 from bilora_dist.adapters.bank import Branch, LayerShape
 from bilora_dist.squeeze import assign_layers, energy_rank, factored_svd, randomized_svd, squeeze_branch
-from tests_support import random_branch, relative_error
+from tests_support import ROOT, random_branch, relative_error, run_cmd, run_ok, two_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
 # the fp32 factored SVD rebuilds s·BA to a few float32 ulps of ||s·BA|| (7e-7 observed, any thread count)
 FP32_RTOL = 1e-5
 
@@ -158,9 +155,8 @@ def test_cli_squeezed_adapter_loads_in_peft_with_the_truncated_delta(tiny_model_
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "base_model_name_or_path": "",
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}))
     out = tmp_path / "squeezed"
-    proc = subprocess.run([sys.executable, "launch/squeeze.py", "--adapter", str(src), "--rank", "3", "--out",
-                           str(out), "--energy", "0.999"], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    run_ok([sys.executable, "launch/squeeze.py", "--adapter", str(src), "--rank", "3", "--out", str(out),
+            "--energy", "0.999"])
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out))
     ranks = set()
     for name in names:
@@ -174,10 +170,8 @@ def test_cli_squeezed_adapter_loads_in_peft_with_the_truncated_delta(tiny_model_
         assert float(S[:k].square().sum() / S.square().sum()) >= 0.999 or k == 3
     assert max(ranks) <= 3
     # keeping alpha instead of the scale: same deltas, lora_alpha unchanged
-    proc = subprocess.run([sys.executable, "launch/squeeze.py", "--adapter", str(src), "--rank", "3", "--out",
-                           str(tmp_path / "keep-alpha"), "--alpha-policy", "keep-alpha"], cwd=ROOT, capture_output=True,
-                          text=True)
-    assert proc.returncode == 0, proc.stderr
+    run_ok([sys.executable, "launch/squeeze.py", "--adapter", str(src), "--rank", "3", "--out",
+            str(tmp_path / "keep-alpha"), "--alpha-policy", "keep-alpha"])
     assert json.loads((tmp_path / "keep-alpha" / "adapter_config.json").read_text())["lora_alpha"] == alpha
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                            str(tmp_path / "keep-alpha"))
@@ -186,8 +180,7 @@ def test_cli_squeezed_adapter_loads_in_peft_with_the_truncated_delta(tiny_model_
         assert float((got - truncated(deltas[name], 3)).norm() / deltas[name].norm()) < 1e-5
     # a second squeeze onto an existing directory is refused and leaves it intact
     before = (out / "adapter_model.safetensors").read_bytes()
-    proc = subprocess.run([sys.executable, "launch/squeeze.py", "--adapter", str(src), "--rank", "2", "--out",
-                           str(out)], cwd=ROOT, capture_output=True, text=True)
+    proc = run_cmd([sys.executable, "launch/squeeze.py", "--adapter", str(src), "--rank", "2", "--out", str(out)])
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --out") and len(proc.stderr.splitlines()) == 1
     assert (out / "adapter_model.safetensors").read_bytes() == before
 
@@ -206,9 +199,8 @@ def test_cli_extracts_a_lora_from_a_full_finetune(tiny_model_dir, tmp_path):
                 p.add_(torch.randn(p.shape[0], 4, generator=gen) @ torch.randn(4, p.shape[1], generator=gen) * 0.01)
     model.save_pretrained(tmp_path / "ft")
     out = tmp_path / "extracted"
-    proc = subprocess.run([sys.executable, "launch/squeeze.py", "--delta", str(tiny_model_dir), str(tmp_path / "ft"),
-                           "--rank", "4", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    run_ok([sys.executable, "launch/squeeze.py", "--delta", str(tiny_model_dir), str(tmp_path / "ft"), "--rank", "4",
+            "--out", str(out)])
     branch, _ = read_peft_adapter(out)
     assert len(branch.shapes) == 14
     ft = dict(model.named_parameters())
@@ -219,17 +211,7 @@ def test_cli_extracts_a_lora_from_a_full_finetune(tiny_model_dir, tmp_path):
 
 
 def test_two_rank_compression_gives_the_one_rank_factors_bit_for_bit(tmp_path):
-    import os
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    proc = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", port, str(ROOT / "tests" / "squeeze_worker.py"),
-                           str(tmp_path)], cwd=ROOT / "tests", capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-                              [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ok(two_ranks("torchrun") + [str(ROOT / "tests" / "squeeze_worker.py"), str(tmp_path)], cwd=ROOT / "tests")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers: bit-for-bit holds for the same code path on the same threads
     try:
@@ -247,7 +229,7 @@ def test_schedules_parse_into_compression_events():
     from bilora_dist.squeeze.schedule import parse_squeeze
 
     s = parse_squeeze("in:64->8/3", 400, 64, 100)
-    assert s.events == ((100, 32), (200, 16), (300, 8)) and s.rank_after(250) == 16
+    assert s.events == ((100, 32), (200, 16), (300, 8))
     assert parse_squeeze("in:64->8/2", 300, 64, 20, "linear").events == ((100, 36), (200, 8))
     assert parse_squeeze("cont:16->4@30", 100, 16, 20).events == ((30, 4),)
     assert parse_squeeze("post:16->4", 100, 16, 20).events == ((100, 4),)

@@ -1,8 +1,16 @@
-"""Helpers shared by tests and the worker scripts they launch."""
+"""Helpers shared by tests and the worker scripts they launch: launching runs, reading their metrics, fixtures."""
 
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
+from transformers import LlamaConfig
 
 from bilora_dist.adapters.bank import AdapterBank, Branch, LayerShape
 from bilora_dist.checkpoint import save_checkpoint
@@ -13,6 +21,68 @@ from bilora_dist.engines.base import Engine
 # A trained tensor is therefore compared as a whole (relative Frobenius error) and by its bulk (median error),
 # never element by element; a 1-ulp change of the base reaches 2.4e-4 and 2.4e-6 of them.
 TRAINED_RTOL, TRAINED_BULK_RTOL = 1e-3, 1e-5
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_ranks(runner: str) -> list[str]:
+    """The command prefix that starts 2 local processes under `deepspeed` or `torchrun`, on a free port."""
+    if runner == "deepspeed":
+        return ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
+    return ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port())]
+
+
+def launcher(kind: str) -> list[str]:
+    """launch/train.py on one process ("single"), 2 DeepSpeed ranks ("zero2", "zero3") or 2 FSDP2 ranks ("fsdp")."""
+    if kind == "single":
+        return [sys.executable, "launch/train.py"]
+    if kind.startswith("zero"):
+        return two_ranks("deepspeed") + ["launch/train.py", "--ds_config", f"ds_configs/{kind}.json"]
+    return two_ranks("torchrun") + ["launch/train.py", "--engine", "fsdp"]
+
+
+def run_env(**overrides: str) -> dict[str, str]:
+    """The environment of a launched process: one thread each, the repository and tests/ importable."""
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path,
+            **overrides}
+
+
+def run_cmd(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float = 600,
+            **kwargs) -> subprocess.CompletedProcess:
+    """Run `cmd` from the repository root with run_env() (unless `env`), capturing its output as text."""
+    return subprocess.run(cmd, cwd=kwargs.pop("cwd", ROOT), env=run_env() if env is None else env,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def run_ok(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """run_cmd that asserts exit status 0, showing the tail of both streams otherwise."""
+    proc = run_cmd(cmd, **kwargs)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """Every row of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_rows(out: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl logged by training steps (those with a loss)."""
+    return [r for r in read_metrics(out) if "loss" in r]
+
+
+def tiny_llama_config(vocab_size: int) -> LlamaConfig:
+    """A 2-layer Llama of hidden size 32 with grouped-query attention and tied embeddings."""
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       tie_word_embeddings=True)
 
 
 def random_branch(seed: int = 7) -> Branch:

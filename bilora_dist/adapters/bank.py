@@ -130,6 +130,34 @@ class Branch(nn.Module):
         return out
 
 
+class GradBucket:
+    """One flat buffer holding every branch's gradient (each branch's `.grad` is a view of it) followed by
+    two named slots, the summed token loss and the token count, so one all-reduce sums all of them."""
+
+    def __init__(self, branches: list[Branch]):
+        sizes = [b.flat.numel() for b in branches]
+        flat0 = branches[0].flat
+        self.flat = torch.zeros(sum(sizes) + 2, dtype=flat0.dtype, device=flat0.device)
+        for branch, chunk in zip(branches, self.flat.split(sizes + [2])):
+            branch.flat.grad = chunk
+
+    def zero_(self) -> None:
+        self.flat.zero_()
+
+    def add_loss(self, loss_sum: Tensor, tokens: int) -> None:
+        """Accumulate one micro-batch's summed loss and token count."""
+        self.flat[-2] += loss_sum.detach()
+        self.flat[-1] += tokens
+
+    @property
+    def loss_sum(self) -> float:
+        return float(self.flat[-2])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.flat[-1])
+
+
 class AdapterBank(nn.Module):
     """All adapters of a model: the primary branch and, for Bi-LoRA, the auxiliary branch."""
 
@@ -139,12 +167,22 @@ class AdapterBank(nn.Module):
         self.primary = primary
         self.aux = aux
         self.aux_active = aux is not None
-        self.grad_bucket: Tensor | None = None
+        self.grad_bucket: GradBucket | None = None
         self._pass_factors: list[list[tuple[Tensor, Tensor]]] | None = None
 
     def begin_pass(self) -> None:
         """Split every branch into its layers' factors once for the coming forward pass (a root pre-hook)."""
         self._pass_factors = [branch.all_factors() for branch in self.branches()]
+
+    def end_pass(self) -> None:
+        """Drop the pass's factor views (a root forward hook): a later forward never sees stale ones."""
+        self._pass_factors = None
+
+    def replace_branch(self, which: str, branch: Branch) -> None:
+        """Put `branch` in place of the primary or auxiliary one; a bound gradient bucket is re-bound to it."""
+        setattr(self, which, branch)
+        if self.grad_bucket is not None:
+            self.bind_grad_bucket()
 
     def _factors(self, branch: int, i: int) -> tuple[Tensor, Tensor]:
         if self._pass_factors is not None:
@@ -180,18 +218,10 @@ class AdapterBank(nn.Module):
     def branches(self) -> list[Branch]:
         return [b for b in (self.primary, self.aux) if b is not None]
 
-    def bind_grad_bucket(self, extra: int = 0) -> Tensor:
-        """Make every branch's .grad a view of one zeroed flat buffer with `extra` trailing slots.
-
-        A single collective on the returned buffer then reduces all adapter gradients (and whatever
-        the caller keeps in the extra slots). Autograd accumulates into the views in place.
-        """
-        sizes = [b.flat.numel() for b in self.branches()]
-        bucket = torch.zeros(sum(sizes) + extra, dtype=self.primary.flat.dtype, device=self.primary.flat.device)
-        for branch, chunk in zip(self.branches(), bucket.split(sizes + [extra])):
-            branch.flat.grad = chunk
-        self.grad_bucket = bucket
-        return bucket
+    def bind_grad_bucket(self) -> GradBucket:
+        """Make every branch's .grad a view of one new zeroed GradBucket (kept until a branch is replaced)."""
+        self.grad_bucket = GradBucket(self.branches())
+        return self.grad_bucket
 
     @torch.no_grad()
     def project_aux(self, rho: float) -> float:

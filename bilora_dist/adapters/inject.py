@@ -79,11 +79,12 @@ def build_bank(shapes: list[LayerShape], rank: int, alpha: float, aux_rank: int 
 def inject(model: nn.Module, bank: AdapterBank) -> list[torch.utils.hooks.RemovableHandle]:
     """Attach layer i's low-rank update from the bank to each target linear; returns the hook handles.
 
-    A pre-hook on the model splits the bank into per-layer factors once per forward pass, and one on
-    the output head makes its input contiguous: HF slices the hidden states for `logits_to_keep`, and
-    a strided 3-D input sends the vocabulary-sized projection through a batched matmul over an expanded
-    weight, several times slower than one matrix product."""
-    handles = [model.register_forward_pre_hook(lambda module, args: bank.begin_pass())]
+    A pre-hook on the model splits the bank into per-layer factors once per forward pass (a forward hook
+    drops them afterwards), and one on the output head makes its input contiguous: HF slices the hidden
+    states for `logits_to_keep`, and a strided 3-D input sends the vocabulary-sized projection through a
+    batched matmul over an expanded weight, several times slower than one matrix product."""
+    handles = [model.register_forward_pre_hook(lambda module, args: bank.begin_pass()),
+               model.register_forward_hook(lambda module, args, output: bank.end_pass())]
     head = model.get_output_embeddings()
     if head is not None:
         handles.append(head.register_forward_pre_hook(lambda module, args: tuple(a.contiguous() for a in args)))

@@ -52,9 +52,6 @@ class Engine:
         """Every rank's `obj`, in rank order, on every rank."""
         return [obj]
 
-    def broadcast_(self, tensor: Tensor, src: int = 0) -> None:
-        """Overwrite `tensor` on every rank with rank src's copy."""
-
     def barrier(self) -> None:
         """Wait for every rank."""
 

@@ -43,9 +43,6 @@ class DataParallelEngine(Engine):
         dist.all_gather_object(out, obj)
         return out
 
-    def broadcast_(self, tensor: Tensor, src: int = 0) -> None:
-        dist.broadcast(tensor, src=src)
-
     def barrier(self) -> None:
         dist.barrier()
 

@@ -8,8 +8,7 @@ import re
 import time
 from pathlib import Path
 
-from bilora_dist.cli import OneLineParser
-from bilora_dist.errors import UserError
+from bilora_dist.errors import OneLineParser, UserError
 from bilora_dist.export import PROVENANCE_FILE, save_peft_adapter
 from bilora_dist.squeeze.branch import kept_energy_summary, squeeze_branch
 from bilora_dist.squeeze.peft_io import extract_lora_from_delta, read_peft_adapter

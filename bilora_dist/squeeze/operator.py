@@ -77,12 +77,6 @@ def energy_rank(S: Tensor, tau: float, max_rank: int) -> list[int]:
     return [int(min(max(k, 1), max_rank)) for k in first]
 
 
-def kept_energy(S: Tensor, k: int) -> float:
-    """Fraction of ||ΔW||_F² in the first k singular values of one layer's spectrum S."""
-    total = float(S.square().sum())
-    return 1.0 if total == 0 else float(S[:k].square().sum()) / total
-
-
 def balanced_factors(U: Tensor, S: Tensor, V: Tensor, new_scale: float) -> tuple[Tensor, Tensor]:
     """New (A', B') of one layer with s'·B'A' = U diag(S) Vᵀ, the singular values split evenly:
     d = sqrt(S / s'), B' = U diag(d), A' = diag(d) Vᵀ."""

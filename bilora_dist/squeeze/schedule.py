@@ -26,14 +26,6 @@ class SqueezeSchedule:
     target: int
     events: tuple[tuple[int, int], ...]
 
-    def rank_after(self, step: int) -> int:
-        """The primary rank in force after `step` optimizer steps (used on resume)."""
-        rank = self.source
-        for at, k in self.events:
-            if at <= step:
-                rank = k
-        return rank
-
 
 def stage_ranks(source: int, target: int, stages: int, shape: str) -> list[int]:
     """Ranks after each of the `stages` compressions: geometric r_j = round(R (K/R)^(j/n)) or linear."""
@@ -100,7 +92,8 @@ def _project_moments(old: Branch, new: Branch, state: dict[str, torch.Tensor]) -
 def apply_rank_change(bank: AdapterBank, rank: int, optimizer: torch.optim.Optimizer, engine: Engine,
                       optimizer_state: str, squeeze_aux: bool = False) -> list[LayerReport]:
     """Squeeze the primary (and, if asked, the auxiliary) in place of the running bank; the optimizer's
-    param groups get the new tensors with reset (empty) or projected moments. Returns the primary's report."""
+    param groups get the new tensors with reset (empty) or projected moments, and the bank's gradient
+    bucket is re-bound to them. Returns the primary's report."""
     reports: list[LayerReport] = []
     for which in ("primary", "aux") if squeeze_aux and bank.aux is not None else ("primary",):
         old: Branch = getattr(bank, which)
@@ -112,5 +105,5 @@ def apply_rank_change(bank: AdapterBank, rank: int, optimizer: torch.optim.Optim
         group["params"] = [new.flat]
         if optimizer_state == "project" and state:
             optimizer.state[new.flat] = _project_moments(old, new, state)
-        setattr(bank, which, new)
+        bank.replace_branch(which, new)
     return reports
