@@ -253,12 +253,8 @@ def _merge_scheduler(path: str, scheduler: dict[str, Any], take: Any) -> None:
 def _check_optimizer(path: str, optimizer: dict[str, Any]) -> None:
     if not optimizer:
         return
-    _check(path, "optimizer", optimizer, {"type", "params"})
-    kind = str(optimizer.get("type", ""))
-    if kind.lower() not in _ADAM_TYPES:
-        raise UserError(f"--ds_config {path}: optimizer.type {kind!r} cannot be honoured: the adapters are stepped "
-                        "by AdamW (Adam, AdamW, FusedAdam, CPUAdam map onto it)")
-    params = _section(path, optimizer, "params", "optimizer.")
+    _, params = _typed_block(path, "optimizer", optimizer, _ADAM_TYPES,
+                             ": the adapters are stepped by AdamW (Adam, AdamW, FusedAdam, CPUAdam map onto it)")
     _check(path, "optimizer.params", params, {*_ADAM_PARAMS, "betas", "adam_w_mode", "bias_correction", "amsgrad",
                                               *_ADAM_UNUSED})
     for key, honoured in (("adam_w_mode", True), ("bias_correction", True), ("amsgrad", False)):
@@ -270,13 +266,10 @@ def _check_optimizer(path: str, optimizer: dict[str, Any]) -> None:
 def _check_scheduler(path: str, scheduler: dict[str, Any]) -> None:
     if not scheduler:
         return
-    _check(path, "scheduler", scheduler, {"type", "params"})
-    kind = str(scheduler.get("type", ""))
-    if kind.lower() not in _SCHEDULERS:
-        raise UserError(f"--ds_config {path}: scheduler.type {kind!r} cannot be honoured (WarmupLR, WarmupDecayLR "
-                        "and WarmupCosineLR map onto --scheduler constant, linear, cosine)")
-    params = _section(path, scheduler, "params", "scheduler.")
-    known = _SCHEDULER_PARAMS[kind.lower()]
+    kind, params = _typed_block(path, "scheduler", scheduler, set(_SCHEDULERS),
+                                " (WarmupLR, WarmupDecayLR and WarmupCosineLR map onto --scheduler constant, linear, "
+                                "cosine)")
+    known = _SCHEDULER_PARAMS[kind]
     _check(path, "scheduler.params", params, known)
     for key, (default, honoured) in _SCHEDULER_FIXED.items():
         value = params.get(key, default)
@@ -287,6 +280,17 @@ def _check_scheduler(path: str, scheduler: dict[str, Any]) -> None:
     if params.get("warmup_type", "log") not in ("log", "linear"):
         raise UserError(f"--ds_config {path}: scheduler.params.warmup_type {params['warmup_type']!r} cannot be "
                         "honoured (log or linear)")
+
+
+def _typed_block(path: str, name: str, block: dict[str, Any], kinds: set[str],
+                 why: str) -> tuple[str, dict[str, Any]]:
+    """The lower-cased `type` and the `params` of an optimizer/scheduler block; one line if the type is not one of
+    `kinds` (lower case)."""
+    _check(path, name, block, {"type", "params"})
+    kind = str(block.get("type", ""))
+    if kind.lower() not in kinds:
+        raise UserError(f"--ds_config {path}: {name}.type {kind!r} cannot be honoured{why}")
+    return kind.lower(), _section(path, block, "params", f"{name}.")
 
 
 def _check(path: str, where: str, values: dict[str, Any], known: set[str], refused: dict[str, str] | None = None,
