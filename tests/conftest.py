@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,16 @@ from transformers import LlamaForCausalLM
 from bilora_dist.embedded import DEFAULT_TRAIN, default_model_dir
 from bilora_dist.modeling import load_tokenizer
 from tests_support import tiny_llama_config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stale_extension_lock(tmp_path_factory) -> None:
+    """Every launched process sees a torch-extensions directory whose DeepSpeed shared-memory op was left mid-build
+    (a lock file and nothing else): a DeepSpeed engine that tried to JIT-build that op would wait forever."""
+    extensions = tmp_path_factory.mktemp("torch_extensions")
+    (extensions / "deepspeed_shm_comm").mkdir()
+    (extensions / "deepspeed_shm_comm" / "lock").touch()
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -99,17 +100,23 @@ def reference(hub, probe) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, hub, probe):
-    """Launch the worker once per engine, over every architecture; returns its output directory."""
-    cache: dict[str, Path] = {}
+    """Launch the worker once per engine, over every architecture; returns its output directory. A failed
+    launch fails every test of its engine without being launched again."""
+    cache: dict[str, Path | Exception] = {}
 
     def get(kind: str) -> Path:
         if kind not in cache:
             out = tmp_path_factory.mktemp(kind)
             torch.save(probe, out / "probe.pt")
             start = [sys.executable] if kind == "single" else two_ranks(kind)
-            run_ok(start + [str(ROOT / "tests" / "arch_worker.py"), kind, str(out), *[f"tiny/{arch}" for arch in ARCHS]],
-                   env=hub_env(hub), timeout=900)
-            cache[kind] = out
+            try:
+                run_ok(start + [str(ROOT / "tests" / "arch_worker.py"), kind, str(out),
+                                *[f"tiny/{arch}" for arch in ARCHS]], env=hub_env(hub), timeout=900)
+                cache[kind] = out
+            except (AssertionError, subprocess.TimeoutExpired) as exc:
+                cache[kind] = exc
+        if isinstance(cache[kind], Exception):
+            pytest.fail(f"the {kind} launch failed: {cache[kind]}")
         return cache[kind]
 
     return get

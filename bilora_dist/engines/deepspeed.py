@@ -29,6 +29,11 @@ class DeepSpeedEngine(DataParallelEngine):
         import deepspeed
 
         single_process_defaults()
+        if deepspeed.get_accelerator().device_name() == "cpu":
+            # gloo's collectives rather than DeepSpeed's shared-memory op, which it would JIT-compile (30-100 s
+            # whenever its build cache is cold or was built by another environment); a process killed during
+            # that build leaves a lock file that every later launch waits on forever.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if not deepspeed.comm.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if deepspeed.get_accelerator().device_name() == "cuda"
                                        else "gloo")
