@@ -212,9 +212,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
         for name, rows in layout.items():
             shapes = [LayerShape(n, i, o) for n, i, o, _, _ in rows]
             branches[name] = Branch(shapes, [r for *_, r, _ in rows], [sc for *_, sc in rows], f.get_tensor(name))
-    bundle = torch.load(path / "optimizer.pt", weights_only=True)
+    # onto the CPU whichever device saved them: each rank moves what it needs (optimizer.load_state_dict puts the
+    # moments on their parameters' device; RNG states are CPU tensors), instead of every rank onto rank 0's GPU
+    bundle = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     return Checkpoint(path, read_state(path), branches, bundle["optimizer"], bundle["scheduler"],
-                      torch.load(path / "rng.pt", weights_only=True))
+                      torch.load(path / "rng.pt", weights_only=True, map_location="cpu"))
 
 
 def restore_bank(bank: AdapterBank, checkpoint: Checkpoint) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from bilora_dist.ds_config import ds_updates, read_ds_config
@@ -17,6 +18,7 @@ from bilora_dist.errors import OneLineParser, UserError, unknown_key_message
 METHODS = ("lora", "bilora", "lora-sam")
 ENGINES = ("auto", "single", "deepspeed", "fsdp")
 SCHEDULERS = ("cosine", "linear", "constant")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 DEFAULT_RHO = {"bilora": 0.05, "lora-sam": 0.01, "lora": 0.0}
 
 
@@ -62,7 +64,16 @@ class TrainConfig:
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
     seq_len: int = _opt(256, "truncate sequences to this many tokens")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward")
-    bf16: bool = _opt(False, "frozen base in bfloat16 (adapters, their optimizer and norms stay fp32)")
+    bf16: str = _opt("auto", "frozen base in bfloat16, adapters, their optimizer and norms fp32 (auto: on where the "
+                             "device supports it, CUDA with bf16; a bare --bf16 means true)",
+                     choices=("auto", "true", "false"), bare="true")
+    quantize: str = _opt("none", "frozen linear layers in bitsandbytes NF4 with double quantisation (4bit)",
+                         choices=("none", "4bit"))
+    attn_implementation: str = _opt("auto", "attention kernel (auto: flash_attention_2 where installed on CUDA, "
+                                            "else sdpa)", choices=ATTENTION)
+    packing: bool = _opt(False, "pack examples into rows of up to --seq-len tokens, no attention across examples")
+    loss_chunk: int = _opt(1024, "tokens per chunk of the output head's loss; full-vocabulary logits never exist "
+                                 "for more (0: the whole micro-batch at once)")
     squeeze: str = _opt("", "rank compression: post:R->K, cont:R->K@STEP or in:R->K/STAGES (R = --rank)")
     squeeze_min_stage: int = _opt(20, "fewest optimizer steps a squeeze stage may last")
     squeeze_ranks: str = _opt("geometric", "ranks of the in-training stages", choices=("geometric", "linear"))
@@ -85,9 +96,17 @@ class TrainConfig:
     config: str = _opt("", "YAML file with any of these keys (flags override it)")
 
     def resolved(self) -> "TrainConfig":
-        """Return a copy with method-dependent defaults filled in."""
+        """Return a copy with method- and device-dependent defaults filled in (rho, bf16)."""
         rho = DEFAULT_RHO[self.method] if self.rho is None else self.rho
-        return dataclasses.replace(self, rho=rho)
+        bf16 = self.bf16
+        if bf16 == "auto":
+            bf16 = "true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "false"
+        return dataclasses.replace(self, rho=rho, bf16=bf16)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The frozen base's dtype (bf16 resolved: see `resolved`)."""
+        return torch.bfloat16 if self.bf16 == "true" else torch.float32
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
@@ -95,7 +114,7 @@ class TrainConfig:
 
 _POSITIVE_INT = ("rank", "micro_batch_size", "grad_accum", "seq_len", "eval_batch_size", "log_every")
 _NON_NEGATIVE = ("squeeze_min_stage", "weight_decay", "max_grad_norm", "max_steps", "eval_every", "epochs", "replica_check_every",
-                 "plan_ranks", "save_every", "keep_last", "data_workers")
+                 "plan_ranks", "save_every", "keep_last", "data_workers", "loss_chunk")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -140,6 +159,8 @@ def _parser() -> argparse.ArgumentParser:
         if f.type == "bool":
             kwargs["action"] = "store_true"
         else:
+            if "bare" in f.metadata:  # `--flag` alone means this value
+                kwargs.update(nargs="?", const=f.metadata["bare"])
             kwargs["type"] = {"int": int, "float": float, "float | None": float}.get(f.type, str)
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
@@ -152,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
-def _yaml_value(kind: str, value: Any) -> Any:
+def _yaml_value(kind: str, value: Any, choices: tuple[str, ...] | None = None) -> Any:
     """A YAML value checked (and, for numbers written as strings such as `1e-4`, converted) to the field's type."""
     if kind == "bool":
         if isinstance(value, bool):
@@ -173,6 +194,8 @@ def _yaml_value(kind: str, value: Any) -> Any:
                 kind == "int" and isinstance(number, float) and not number.is_integer()):
             raise ValueError(f"expected {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
         return int(number) if kind == "int" else float(number)
+    if choices is not None and {"true", "false"} <= set(choices) and str(value).lower() in _TRUE + _FALSE:
+        return "true" if str(value).lower() in _TRUE else "false"  # `bf16: yes`
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
     return value
@@ -194,10 +217,10 @@ def _load_yaml(path: str) -> dict[str, Any]:
         if key not in known:
             raise UserError(f"--config {path}: {unknown_key_message(str(key), list(known))}")
         try:
-            checked[key] = _yaml_value(known[key].type, value)
+            choices = known[key].metadata.get("choices")
+            checked[key] = _yaml_value(known[key].type, value, choices)
         except ValueError as exc:
             raise UserError(f"--config {path}: {key}: {exc}") from None
-        choices = known[key].metadata.get("choices")
         if choices and checked[key] not in choices:
             raise UserError(f"--config {path}: {key}: '{checked[key]}' is not one of {', '.join(choices)}")
     return checked

@@ -160,7 +160,8 @@ def ds_updates(current: Mapping[str, Any], ds: dict[str, Any], path: str,
         if key in ds:
             take(field, key, _number(path, key, ds[key], integer=field != "max_grad_norm"))
     if "bf16" in ds and "enabled" in ds["bf16"]:
-        take("bf16", "bf16.enabled", _flag(path, "bf16.enabled", ds["bf16"]["enabled"]))
+        enabled = _flag(path, "bf16.enabled", ds["bf16"]["enabled"])
+        take("bf16", "bf16.enabled", enabled if enabled == AUTO else str(enabled).lower())
     _merge_optimizer(path, ds.get("optimizer", {}).get("params", {}), take)
     _merge_scheduler(path, ds.get("scheduler", {}), take)
     merged = {**current_values, **{field: value for field, (_, value) in updates.items()}}

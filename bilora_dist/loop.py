@@ -16,11 +16,12 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 from transformers import get_scheduler
+from transformers.utils.generic import is_flash_attention_requested
 
 from bilora_dist.adapters.bank import AdapterBank
 from bilora_dist.checkpoint import Checkpoint, save_checkpoint, set_rng_state
 from bilora_dist.config import TrainConfig
-from bilora_dist.data import BatchPlan, collate, to_device
+from bilora_dist.data import BatchPlan, collate, collate_packed, ids_and_labels, to_device
 from bilora_dist.engines import Engine
 from bilora_dist.evaluation import ChoiceTask, evaluate
 from bilora_dist.methods import METHOD_STEPS, StepStats, build_optimizer
@@ -76,6 +77,18 @@ class Budget:
         """--max-steps, or --epochs passes over `n_examples` at the global batch of `world_size` ranks."""
         global_batch = cfg.micro_batch_size * cfg.grad_accum * world_size
         return cls(global_batch, cfg.max_steps or math.ceil(cfg.epochs * n_examples / global_batch))
+
+
+@dataclass(frozen=True)
+class StepTokens:
+    """The tokens of one optimizer step's micro-batches over all ranks: the examples' own, and all with padding."""
+
+    real: int
+    total: int
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1 - self.real / self.total
 
 
 def check_replicas(engine: Engine, bank: AdapterBank, step: int) -> list[str]:
@@ -136,17 +149,26 @@ class TrainingLoop:
         return save_checkpoint(self.out, state, self.bank, self.optimizer, self.scheduler, self.cfg.to_yaml(),
                                self.engine, self.cfg.keep_last)
 
-    def step(self, step: int) -> tuple[StepStats, float, int, float]:
-        """Optimizer step `step` (0-based) on this rank's micro-batches: (stats, lr, tokens seen, start time)."""
-        engine = self.engine
-        batches = [to_device(collate([self.data.train_set[i] for i in mb], self.data.pad_id), engine.device)
-                   for mb in self.plan.micro_batches(step, engine.rank, engine.world_size, self.cfg.grad_accum)]
+    def step(self, step: int) -> tuple[StepStats, float, StepTokens, float]:
+        """Optimizer step `step` (0-based) on this rank's micro-batches: (stats, lr, the step's tokens over all
+        ranks, start time)."""
+        engine, pad_id = self.engine, self.data.pad_id
+        micro = [[self.data.train_set[i] for i in mb]
+                 for mb in self.plan.micro_batches(step, engine.rank, engine.world_size, self.cfg.grad_accum)]
+        if self.cfg.packing:  # flash attention reads packed sequences only from a batch of one row
+            seq_len = None if is_flash_attention_requested(self.model.config) else self.cfg.seq_len
+            batches = [collate_packed(examples, seq_len, pad_id) for examples in micro]
+        else:
+            batches = [collate(examples, pad_id) for examples in micro]
+        counts = torch.tensor([sum(len(ids_and_labels(e)[0]) for examples in micro for e in examples),
+                               sum(b["input_ids"].numel() for b in batches)], device=engine.device)
+        engine.all_reduce_sum_(counts)
+        batches = [to_device(b, engine.device) for b in batches]
         t0 = time.perf_counter()
         stats = self.step_fn(batches)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        seen = sum(int(b["attention_mask"].sum()) for b in batches) * engine.world_size
-        return stats, lr, seen, t0
+        return stats, lr, StepTokens(int(counts[0]), int(counts[1])), t0
 
     def squeeze_event(self, done: int) -> dict[str, Any]:
         """The rank change due after `done` steps, if any (the bank re-binds its gradient bucket); its row."""
@@ -160,13 +182,15 @@ class TrainingLoop:
         return {"squeeze_rank": event["rank"], "kept_energy": event["kept_energy_mean"],
                 "kept_energy_min": event["kept_energy_min"]}
 
-    def progress(self, done: int, stats: StepStats, lr: float, seen: int, t0: float) -> dict[str, Any]:
-        """The loss/lr/throughput fields of the metrics row after `done` steps, when due."""
+    def progress(self, done: int, stats: StepStats, lr: float, seen: StepTokens, t0: float) -> dict[str, Any]:
+        """The loss/lr/throughput fields of the metrics row after `done` steps, when due: tokens_per_s counts the
+        examples' own tokens, padding_fraction is the share of pad tokens in the step's micro-batches."""
         if done % self.cfg.log_every and done != self.budget.total_steps:
             return {}
         now = time.perf_counter()
         row = {"loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm, "rank": max(self.bank.primary.ranks),
-               "tokens_per_s": seen / (now - t0), "elapsed_s": now - self.started}
+               "tokens_per_s": seen.real / (now - t0), "padding_fraction": seen.padding_fraction,
+               "elapsed_s": now - self.started}
         if stats.aux_norm is not None:
             row["aux_norm"] = stats.aux_norm
         return row

@@ -1,22 +1,65 @@
 """Per-rank memory plan of a run, computed from shapes alone (the model is built on the meta device).
 
 What a rank holds: its part of the frozen base (whole for single / ZeRO-1/2, a 1/N partition for
-ZeRO-3 plus the small parameters it keeps resident, a dim-0 shard for FSDP2), the replicated fp32
-adapters with their gradient bucket and AdamW moments, and transiently the largest block gathered
-for a forward or backward.
+ZeRO-3 plus the small parameters it keeps resident, a dim-0 shard for FSDP2; under 4-bit each
+quantised linear weight is its packed NF4 bytes plus its quantisation state), the replicated fp32
+adapters with their gradient bucket and AdamW moments, the activations one micro-batch saves for
+backward (activations.py), and transiently the largest block gathered for a forward or backward,
+the output head's loss, the block recomputed under gradient checkpointing, and under 4-bit the
+dequantised weight of the largest quantised linear.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from bilora_dist.activations import trace_activations
+from bilora_dist.adapters.bank import AdapterBank
 from bilora_dist.modeling import shard_units
 
 ADAPTER_BYTES = 4  # adapters, their gradients and optimizer moments are fp32 whatever the base dtype
 DEFAULT_PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's stage3_param_persistence_threshold default
+NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256  # bitsandbytes' 4-bit block and its double-quantisation block
+
+
+def nf4_bytes(numel: int) -> tuple[int, int]:
+    """(packed weight, quantisation state) bytes of one weight as bitsandbytes stores it in NF4 with double
+    quantisation: two values a byte; per 64-value block a uint8 absmax, itself quantised in blocks of 256
+    (an fp32 absmax each) around an fp32 offset; the 256-entry dynamic code and the 16-entry NF4 code, fp32."""
+    blocks = math.ceil(numel / NF4_BLOCK)
+    return math.ceil(numel / 2), blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK) + 4 + 4 * 256 + 4 * 16
+
+
+def quantized_weights(model: nn.Module) -> dict[int, nn.Parameter]:
+    """The weights `--quantize 4bit` stores in NF4 (every nn.Linear's but the output head's), by id."""
+    head = model.get_output_embeddings()
+    return {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear) and m is not head}
+
+
+def loss_peak_bytes(tokens: int, chunk: int, vocab: int, hidden: int, dtype_bytes: int) -> int:
+    """Peak of the output head's loss (loss.linear_cross_entropy) over `tokens` supervised tokens, `chunk` at a
+    time (0: all at once). Per logit of a chunk: its fp32 logits, turned in place into the gradient (4), and in
+    a narrower base dtype the head's output before its fp32 cast and the gradient's cast back (2 x dtype bytes:
+    together on a CPU, whose bf16 matmul keeps an fp32 working copy; a GPU's peak is one of them). Per token:
+    the head's contiguous, flattened and supervised copies of its input and the input's gradient that the
+    loss saves (4 x hidden, base dtype)."""
+    chunk = tokens if chunk == 0 else min(chunk, tokens)
+    per_logit = 4 + (2 * dtype_bytes if dtype_bytes < 4 else 0)
+    return chunk * vocab * per_logit + 4 * tokens * hidden * dtype_bytes
+
+
+@dataclass(frozen=True)
+class Transients:
+    """What one micro-batch adds to a rank's resident memory, the same on every rank."""
+
+    activation_bytes: int = 0  # saved for backward (kept block inputs under gradient checkpointing)
+    recompute_bytes: int = 0  # the largest block's saved tensors, rebuilt in backward under checkpointing
+    loss_peak_bytes: int = 0  # the output head's loss (loss_peak_bytes)
+    dequant_bytes: int = 0  # the largest quantised linear's weight dequantised for its matmul (4-bit)
 
 
 @dataclass(frozen=True)
@@ -27,14 +70,35 @@ class RankPlan:
     adapter_grad_bytes: int
     optimizer_bytes: int
     gathered_block_bytes: int
+    activation_bytes: int = 0
+    recompute_bytes: int = 0
+    loss_peak_bytes: int = 0
+    dequant_bytes: int = 0
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.base_bytes + self.adapter_bytes + self.adapter_grad_bytes + self.optimizer_bytes
 
     @property
     def total_bytes(self) -> int:
-        return (self.base_bytes + self.adapter_bytes + self.adapter_grad_bytes + self.optimizer_bytes
-                + self.gathered_block_bytes)
+        """Resident state plus the gathered block (no activations: see peak_bytes)."""
+        return self.resident_bytes + self.gathered_block_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        """Resident state + all saved activations + the largest of the transients that follow one another.
+
+        The saved activations are all alive where the backward pass starts, which is where the loss runs
+        (its peak), and stay mostly alive while the first blocks are gathered again and, under gradient
+        checkpointing, recomputed: those three overlap the activations but not each other. A dequantised
+        4-bit weight exists only inside one matmul, during a gathered block's or a recomputed block's
+        pass. Gradients of the hidden states (one micro-batch x hidden) are inside the loss peak."""
+        return self.resident_bytes + self.activation_bytes + max(
+            self.loss_peak_bytes, self.gathered_block_bytes + self.dequant_bytes,
+            self.recompute_bytes + self.dequant_bytes)
 
     def as_dict(self) -> dict[str, int]:
-        return {**asdict(self), "total_bytes": self.total_bytes}
+        return {**asdict(self), "total_bytes": self.total_bytes, "peak_bytes": self.peak_bytes}
 
 
 def _shard_rows(rows: int, world: int, rank: int) -> int:
@@ -43,43 +107,71 @@ def _shard_rows(rows: int, world: int, rank: int) -> int:
     return max(0, min(per, rows - rank * per))
 
 
+def _stored(p: nn.Parameter, quantized: Collection[int]) -> tuple[int, int, int, int]:
+    """(elements, element bytes, rows, replicated bytes) of the tensor the engine shards for parameter `p`:
+    itself, or for an NF4 weight its packed bytes (one row each) and, replicated, its quantisation state."""
+    if id(p) in quantized:
+        packed, state = nf4_bytes(p.numel())
+        return packed, 1, packed, state
+    return p.numel(), p.element_size(), p.shape[0] if p.dim() else 0, 0
+
+
 def base_bytes_on_rank(model: nn.Module, engine: str, world: int, rank: int,
-                       persistence_threshold: int = DEFAULT_PERSISTENCE_THRESHOLD) -> int:
+                       persistence_threshold: int = DEFAULT_PERSISTENCE_THRESHOLD,
+                       quantized: Collection[int] = ()) -> int:
     """Bytes of the frozen base resident on `rank` once training runs (gathered copies released)."""
     total = 0
     for p in model.parameters():
-        n, size = p.numel(), p.element_size()
+        n, size, rows, state = _stored(p, quantized)
         if engine == "zero3":
             total += (math.ceil(n / world) + (n if n <= persistence_threshold else 0)) * size
-        elif engine == "fsdp" and p.dim() > 0:
-            total += _shard_rows(p.shape[0], world, rank) * (n // max(p.shape[0], 1)) * size
+        elif engine == "fsdp" and rows:
+            total += _shard_rows(rows, world, rank) * (n // rows) * size
         else:
             total += n * size
+        total += state
     return total
 
 
-def largest_gathered_block_bytes(model: nn.Module, engine: str) -> int:
+def largest_gathered_block_bytes(model: nn.Module, engine: str,
+                                 quantized: Collection[int] = ()) -> int:
     """The largest unit whose full weights a sharding engine materialises at once (0 when nothing is sharded)."""
     if engine not in ("zero3", "fsdp"):
         return 0
-    return max(sum(p.numel() * p.element_size() for p in unit.parameters()) for unit in shard_units(model))
+    return max(sum(n * size for n, size, _, _ in (_stored(p, quantized) for p in unit.parameters()))
+               for unit in shard_units(model))
+
+
+def micro_batch_transients(model: nn.Module, bank: AdapterBank, batch: int, seq: int, checkpointing: bool,
+                           loss_chunk: int, attention: str = "sdpa", quantize: bool = False) -> Transients:
+    """Transients of one micro-batch of `batch` x `seq` tokens for `model` and `bank`, both on meta."""
+    trace = trace_activations(model, bank, batch, seq, attention)
+    head = model.get_output_embeddings()
+    loss = loss_peak_bytes(batch * seq, loss_chunk, head.out_features, head.in_features, head.weight.element_size())
+    dequant = max((w.numel() * w.element_size() for w in quantized_weights(model).values()), default=0)
+    return Transients(trace.activations(checkpointing), trace.recompute(checkpointing), loss,
+                      dequant if quantize else 0)
 
 
 def plan_memory(model: nn.Module, adapter_numel: int, engine: str, world: int,
-                persistence_threshold: int = DEFAULT_PERSISTENCE_THRESHOLD) -> list[RankPlan]:
-    """One RankPlan per rank; `engine` is single, replicated (ZeRO-1/2, plain data parallel), zero3 or fsdp."""
+                persistence_threshold: int = DEFAULT_PERSISTENCE_THRESHOLD, quantize: bool = False,
+                transients: Transients = Transients()) -> list[RankPlan]:
+    """One RankPlan per rank; `engine` is single, replicated (ZeRO-1/2, plain data parallel), zero3 or fsdp;
+    `quantize`: the linear weights in NF4 (quantized_weights)."""
+    quantized = quantized_weights(model) if quantize else {}
     adapters = adapter_numel * ADAPTER_BYTES
-    block = largest_gathered_block_bytes(model, engine)
-    return [RankPlan(rank, base_bytes_on_rank(model, engine, world, rank, persistence_threshold), adapters,
-                     adapters, 2 * adapters, block) for rank in range(world)]
+    block = largest_gathered_block_bytes(model, engine, quantized)
+    return [RankPlan(rank, base_bytes_on_rank(model, engine, world, rank, persistence_threshold, quantized),
+                     adapters, adapters, 2 * adapters, block, **asdict(transients)) for rank in range(world)]
 
 
 def format_plan(plans: list[RankPlan], header: str) -> str:
     """A table, one row per rank, in GiB."""
     gib = 1024 ** 3
     cols = ("base_bytes", "adapter_bytes", "adapter_grad_bytes", "optimizer_bytes", "gathered_block_bytes",
-            "total_bytes")
-    names = ("base shard", "adapters", "adapter grads", "AdamW state", "gathered block", "total")
+            "total_bytes", "activation_bytes", "recompute_bytes", "loss_peak_bytes", "dequant_bytes", "peak_bytes")
+    names = ("base shard", "adapters", "adapter grads", "AdamW state", "gathered block", "total", "activations",
+             "recompute", "loss peak", "dequantised", "peak")
     lines = [header, "rank " + "".join(f"{n:>16}" for n in names)]
     for p in plans:
         d = p.as_dict()

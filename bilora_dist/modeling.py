@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,18 +72,102 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-def build_on_meta(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+@dataclass(frozen=True)
+class LoadOptions:
+    """How an engine loads the frozen base: its dtype, `quantize` ("none" or "4bit": bitsandbytes NF4 with
+    double quantisation for every linear layer but the head) and the attention kernel transformers uses
+    (None: its default, sdpa where the model supports it)."""
+
+    dtype: torch.dtype = torch.float32
+    quantize: str = "none"
+    attn_implementation: str | None = None
+
+    @classmethod
+    def of(cls, cfg: Any) -> "LoadOptions":
+        """The options of a resolved TrainConfig; UserError if it asks for a kernel or a quantisation this
+        machine does not have."""
+        if cfg.quantize == "4bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("--quantize 4bit needs bitsandbytes, which is not installed "
+                            "(pip install 'bilora_dist[quant]')")
+        return cls(cfg.dtype, cfg.quantize, resolve_attn_implementation(cfg.attn_implementation, cfg.dtype))
+
+    @classmethod
+    def coerce(cls, options: "LoadOptions | torch.dtype") -> "LoadOptions":
+        """`options` itself, or the default options with a bare dtype."""
+        return options if isinstance(options, LoadOptions) else cls(options)
+
+    def quantization_config(self) -> Any:
+        """transformers' BitsAndBytesConfig for `quantize` (None without quantisation). The packed 4-bit
+        weights are stored in the base dtype, so a sharding engine can treat them as ordinary parameters."""
+        if self.quantize == "none":
+            return None
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=self.dtype, bnb_4bit_quant_storage=self.dtype)
+
+
+def resolve_attn_implementation(name: str, dtype: torch.dtype) -> str | None:
+    """The attention kernel for --attn-implementation `name` (None: transformers' default, sdpa);
+    `auto` is flash_attention_2 where flash_attn is installed, CUDA available and the base bf16.
+    UserError if a named kernel cannot run here."""
+    flash_installed = importlib.util.find_spec("flash_attn") is not None
+    if name == "auto":
+        usable = flash_installed and torch.cuda.is_available() and dtype == torch.bfloat16
+        return "flash_attention_2" if usable else None
+    flag = f"--attn-implementation {name}"
+    if name == "flash_attention_2":
+        if not flash_installed:
+            raise UserError(f"{flag}: the flash_attn package is not installed (pip install 'bilora_dist[gpu]')")
+        if not torch.cuda.is_available():
+            raise UserError(f"{flag}: flash_attn runs on CUDA devices only, and none is available")
+        if dtype != torch.bfloat16:
+            raise UserError(f"{flag}: flash_attn needs a bfloat16 base; add --bf16")
+    if name == "flex_attention":
+        from transformers.utils import is_torch_flex_attn_available
+
+        if not is_torch_flex_attn_available():
+            raise UserError(f"{flag}: torch {torch.__version__} has no flex attention (needs torch >= 2.5)")
+    return name
+
+
+def build_on_meta(path: str, options: LoadOptions | torch.dtype = torch.float32) -> nn.Module:
     """The model's architecture with its parameters on the meta device (no storage) and its buffers real,
     computed as the model computes them (rotary frequencies, embedding scales), on the CPU."""
+    options = LoadOptions.coerce(options)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(load_config(path), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(load_config(path), dtype=options.dtype,
+                                                 attn_implementation=options.attn_implementation)
     model.tie_weights()  # accelerate re-creates each parameter on meta, which unties a tied head
     model.requires_grad_(False)
     return model
 
 
-def load_frozen_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The base causal LM with every parameter frozen."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+def load_frozen_model(path: str, options: LoadOptions | torch.dtype = torch.float32,
+                      device: torch.device | None = None) -> nn.Module:
+    """The base causal LM with every parameter frozen, loaded onto `device` (None: where transformers
+    puts it, the CPU or ZeRO-3's partitions). A 4-bit base is quantised as it is loaded."""
+    options = LoadOptions.coerce(options)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=options.dtype, attn_implementation=options.attn_implementation,
+        quantization_config=options.quantization_config(),
+        device_map=None if device is None else {"": device})
+    if options.quantize != "none":
+        _check_4bit(model)
     model.requires_grad_(False)
     return model
+
+
+def _check_4bit(model: nn.Module) -> None:
+    """Keep a 4-bit base on the paths bitsandbytes (0.50) computes correctly on the CPU."""
+    for name, module in model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is None:
+            continue
+        # its CPU kernel dequantises a row whose length is not a multiple of the block wrongly (blocks per row)
+        if module.weight.device.type == "cpu" and module.in_features % state.blocksize:
+            raise UserError(f"--quantize 4bit on the CPU: layer {name} has {module.in_features} input features, "
+                            f"not a multiple of {state.blocksize}, which bitsandbytes' CPU kernel dequantises wrongly")
+        # it repacks a weight for its CPU inference kernel (AVX512-BF16 CPUs) at the first no-grad forward,
+        # undoing the double quantisation: every CPU computes with the weights as loaded
+        module.support_avx512bf16_for_cpu = False

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from bilora_dist.activations import meta_bank
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.adapters.bank import AdapterBank
 from bilora_dist.adapters.inject import check_rank, peft_target_modules
@@ -29,9 +30,10 @@ from bilora_dist.errors import UserError
 from bilora_dist.evaluation import choice_task
 from bilora_dist.export import save_peft_adapter
 from bilora_dist.loop import Budget, RunData, TrainingLoop, say
-from bilora_dist.memory_plan import DEFAULT_PERSISTENCE_THRESHOLD, format_plan, plan_memory
+from bilora_dist.loss import attach_head_loss
+from bilora_dist.memory_plan import DEFAULT_PERSISTENCE_THRESHOLD, format_plan, micro_batch_transients, plan_memory
 from bilora_dist.metrics import truncate_metrics
-from bilora_dist.modeling import build_on_meta, load_config, load_tokenizer, resolve_model
+from bilora_dist.modeling import LoadOptions, build_on_meta, load_config, load_tokenizer, resolve_model
 from bilora_dist.preemption import StopRequest
 from bilora_dist.squeeze.schedule import parse_squeeze
 
@@ -44,8 +46,8 @@ def dry_run(cfg: TrainConfig) -> str:
     name = resolve_engine_name(cfg.engine, cfg.ds_config, world)
     if name == "single" and world > 1:
         raise UserError(f"--engine single runs one process; a plan for {world} ranks needs deepspeed or fsdp")
-    model = build_on_meta(resolve_model(cfg.model), torch.bfloat16 if cfg.bf16 else torch.float32)
-    zero = resolve(read_ds_config(cfg.ds_config) if cfg.ds_config else DEFAULT_ZERO3, cfg.bf16,
+    model = build_on_meta(resolve_model(cfg.model), cfg.dtype)
+    zero = resolve(read_ds_config(cfg.ds_config) if cfg.ds_config else DEFAULT_ZERO3, cfg.bf16 == "true",
                    hidden_size_of(model.config))["zero_optimization"]
     kind = {"single": "single", "fsdp": "fsdp"}.get(name, "zero3" if zero["stage"] == 3 else "replicated")
     shapes = layer_shapes(model, select_targets(model, cfg.target_modules))
@@ -54,11 +56,17 @@ def dry_run(cfg: TrainConfig) -> str:
     if cfg.method == "bilora":
         check_rank(shapes, cfg.aux_rank, "--aux-rank")
     adapter_numel = sum(ranks * (s.in_features + s.out_features) for s in shapes)
+    bank = meta_bank(shapes, cfg.rank, cfg.aux_rank if cfg.method == "bilora" else None)
+    transients = micro_batch_transients(model, bank, cfg.micro_batch_size, cfg.seq_len, cfg.gradient_checkpointing,
+                                        cfg.loss_chunk, cfg.attn_implementation, cfg.quantize == "4bit")
     plans = plan_memory(model, adapter_numel, kind, world,
-                        zero.get("param_persistence_threshold", DEFAULT_PERSISTENCE_THRESHOLD))
+                        zero.get("param_persistence_threshold", DEFAULT_PERSISTENCE_THRESHOLD),
+                        cfg.quantize == "4bit", transients)
     header = (f"memory plan: {cfg.model or 'embedded default'}, {kind} on {world} rank(s), "
-              f"{sum(p.numel() for p in model.parameters()):,} base params, {len(shapes)} adapted layers, "
-              f"{adapter_numel:,} adapter params ({cfg.method})")
+              f"{sum(p.numel() for p in model.parameters()):,} base params ({cfg.dtype}, quantize {cfg.quantize}), "
+              f"{len(shapes)} adapted layers, {adapter_numel:,} adapter params ({cfg.method}); micro-batch "
+              f"{cfg.micro_batch_size} x {cfg.seq_len} tokens, gradient checkpointing "
+              f"{'on' if cfg.gradient_checkpointing else 'off'}, loss chunk {cfg.loss_chunk or 'all'}")
     return format_plan(plans, header) + "\n" + json.dumps({"engine": kind, "world_size": world,
                                                            "ranks": [p.as_dict() for p in plans]})
 
@@ -167,7 +175,7 @@ def prepare_data(cfg: TrainConfig, engine: Engine, model_path: str) -> RunData:
 def build_model_and_adapters(cfg: TrainConfig, engine: Engine,
                              model_path: str) -> tuple[torch.nn.Module, AdapterBank, list[str]]:
     """The frozen base as the engine loads it, its adapter bank (on the engine's device) and the adapted layers."""
-    model = engine.build(model_path, torch.bfloat16 if cfg.bf16 else torch.float32)
+    model = engine.build(model_path, LoadOptions.of(cfg))
     names = select_targets(model, cfg.target_modules)
     bank = build_bank(layer_shapes(model, names), cfg.rank, cfg.alpha,
                       cfg.aux_rank if cfg.method == "bilora" else None, cfg.aux_scale, cfg.seed).to(engine.device)
@@ -196,6 +204,7 @@ def open_output_dir(cfg: TrainConfig, engine: Engine, out: Path, checkpoint: Che
 def attach_and_wrap(cfg: TrainConfig, engine: Engine, model: torch.nn.Module, bank: AdapterBank) -> torch.nn.Module:
     """Hook the bank's updates into the target layers, then let the engine wrap the model for training."""
     inject(model, bank)
+    attach_head_loss(model, cfg.loss_chunk)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = engine.wrap(model)
@@ -211,7 +220,7 @@ def finish(cfg: TrainConfig, loop: TrainingLoop, model_path: str, names: list[st
     after = loop.evaluate(loop.budget.total_steps)
     say(engine, f"after training:  {after}")
     peaks = engine.gather_object(engine.peak_memory_bytes())
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    dtype = cfg.dtype
     loop.log.write({"step": loop.budget.total_steps, "train_s": train_s,
                     "peak_mem_mb": [round(b / 2**20, 1) for b in peaks], **_holdings(loop, dtype)})
     if engine.is_main:

@@ -1,5 +1,5 @@
 """Run alone, under the deepspeed launcher or under torchrun: for each hub id, the engine builds the model,
-shards it and injects a Bi-LoRA bank; the logits of the probe batch (OUT/probe.pt), then two bilora steps on a
+shards it and injects a Bi-LoRA bank and the chunked loss; the logits of the probe batch (OUT/probe.pt), then two bilora steps on a
 global batch of 8 random sequences, are saved per rank. Usage: arch_worker.py ENGINE OUT HUB_ID...
 One engine (one process group) serves every model.
 """
@@ -13,8 +13,9 @@ from bilora_dist.adapters import build_bank, inject, layer_shapes, select_target
 from bilora_dist.config import parse_config
 from bilora_dist.data import BatchPlan, Example, collate, to_device
 from bilora_dist.engines import make_engine
+from bilora_dist.loss import attach_head_loss
 from bilora_dist.methods import METHOD_STEPS, build_optimizer
-from bilora_dist.modeling import resolve_model
+from bilora_dist.modeling import LoadOptions, resolve_model
 
 GLOBAL_BATCH, STEPS = 8, 2
 
@@ -34,10 +35,11 @@ if __name__ == "__main__":
     # single: micro 4 x accumulation 2; two ranks: micro 4 each -- the same global batch
     accum = GLOBAL_BATCH // 4 // engine.world_size
     for hub_id in hub_ids:
-        model = engine.build(resolve_model(hub_id), torch.float32)
+        model = engine.build(resolve_model(hub_id), LoadOptions(torch.float32))
         bank = build_bank(layer_shapes(model, select_targets(model, "all-linear")), 8, 16.0, 8, 1.0, 0)
         bank = bank.to(engine.device)
         inject(model, bank)
+        attach_head_loss(model, 5)  # the chunked loss, in chunks short enough to split every batch
         model = engine.wrap(model).eval()
         with torch.no_grad():  # B = 0: the adapted model computes the base's logits
             logits = model(input_ids=probe.to(engine.device)).logits.cpu()

@@ -218,3 +218,21 @@ def test_checkpoint_round_trip_in_process(tmp_path):
     state = optimizer.state_dict()["state"][0]
     assert torch.equal(loaded.optimizer["state"][0]["exp_avg"], state["exp_avg"])
     assert len(loaded.rng) == 1 and torch.equal(loaded.rng[0]["torch"], torch.get_rng_state())
+
+
+def test_checkpoint_saved_on_a_gpu_rank_loads_onto_the_cpu(tmp_path, monkeypatch):
+    """optimizer.pt and rng.pt as GPU rank 1 would have written them (storages tagged cuda:1) load here, on a
+    machine without CUDA, onto the CPU; a plain torch.load of them would try to restore them onto cuda:1."""
+    bank, optimizer = checkpoint_fixture(tmp_path, step=5, return_state=True)
+    path = tmp_path / "checkpoints" / "step_5"
+    saved = {name: torch.load(path / name, weights_only=True) for name in ("optimizer.pt", "rng.pt")}
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:1")
+    for name, obj in saved.items():
+        torch.save(obj, path / name)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(path / "optimizer.pt", weights_only=True)
+    loaded = load_checkpoint(path)
+    moment = loaded.optimizer["state"][0]["exp_avg"]
+    assert moment.device.type == "cpu" and torch.equal(moment, optimizer.state_dict()["state"][0]["exp_avg"])
+    assert loaded.rng[0]["torch"].device.type == "cpu"

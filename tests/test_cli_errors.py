@@ -105,7 +105,8 @@ def test_a_failed_run_leaves_the_saved_run_untouched(capsys, base_args, tmp_path
 @pytest.mark.parametrize("text,message", [
     ("rho: abc\n", "rho: expected a number, got 'abc'"),
     ("rank: 2.5\n", "rank: expected an integer, got 2.5"),
-    ("bf16: maybe\n", "bf16: expected true or false, got 'maybe'"),
+    ("bf16: maybe\n", "bf16: 'maybe' is not one of auto, true, false"),
+    ("packing: maybe\n", "packing: expected true or false, got 'maybe'"),
     ("method: sam\n", "method: 'sam' is not one of lora, bilora, lora-sam"),
     ("target_modules: 7\n", "target_modules: expected a string, got 7"),
     ("lerning_rate: 0.1\n", "unknown key 'lerning_rate'"),
@@ -122,7 +123,7 @@ def test_yaml_strings_mean_what_yaml_1_2_says(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("bf16: 'no'\ngradient_checkpointing: 'yes'\nlr: 1e-4\nrank: '4'\nrho: null\n")
     parsed = parse_config(["--config", str(cfg)])
-    assert (parsed.bf16, parsed.gradient_checkpointing, parsed.lr, parsed.rank, parsed.rho) == (False, True, 1e-4, 4, 0.05)
+    assert (parsed.bf16, parsed.gradient_checkpointing, parsed.lr, parsed.rank, parsed.rho) == ("false", True, 1e-4, 4, 0.05)
 
 
 def test_aux_scale_must_be_positive(capsys, base_args):

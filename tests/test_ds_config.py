@@ -79,9 +79,9 @@ def test_fetched_config_reads_resolves_and_maps(name):
     stage, pin, bf16, live, reuse, schedule = EXPECTED[name]
     ds = read_ds_config(str(DATA / name))
     cfg = apply_ds_config(TrainConfig(), ds, name, {})
-    assert (cfg.bf16, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm, cfg.lr) == (bf16, 8, 1, 1.0, 5e-4)
+    assert (cfg.bf16 == "true", cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm, cfg.lr) == (bf16, 8, 1, 1.0, 5e-4)
     assert (cfg.scheduler, cfg.warmup_type) == ((schedule, "log") if schedule else ("cosine", "linear"))
-    resolved = resolve(ds, cfg.bf16, HIDDEN)
+    resolved = resolve(ds, cfg.bf16 == "true", HIDDEN)
     assert not has_auto(resolved)
     zero = resolved["zero_optimization"]
     assert zero["stage"] == stage and resolved["bf16"] == {"enabled": bf16}

@@ -43,7 +43,7 @@ def float64():
 
 
 def _setup(model_dir, method, aux_rank=4):
-    model = load_frozen_model(str(model_dir), dtype=torch.get_default_dtype())
+    model = load_frozen_model(str(model_dir), torch.get_default_dtype())
     shapes = layer_shapes(model, select_targets(model, "all-linear"))
     bank = build_bank(shapes, 4, 8.0, aux_rank if method == "bilora" else None, S2, seed=0)
     with torch.no_grad():  # a generic state: every factor non-zero

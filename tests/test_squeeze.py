@@ -269,3 +269,39 @@ def test_training_with_a_squeeze_exports_the_compressed_rank(tiny_model_dir, sma
     assert event["step"] == 2 and 0 < event["kept_energy_min"] <= event["kept_energy"] <= 1
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
     assert LoraConfig.from_pretrained(str(out / "adapter")).r == 3
+
+
+def _linear_loss_grads(branch: Branch, G: list[torch.Tensor]) -> torch.Tensor:
+    """d/d(flat) of L = sum_i <G_i, s_i B_i A_i>: the factor gradients s BᵀG and s G Aᵀ, by autograd."""
+    view = Branch(branch.shapes, branch.ranks, branch.scales, branch.flat.detach().clone())
+    sum((g * dense(*view.factors(i), view.scales[i])).sum() for i, g in enumerate(G)).backward()
+    return view.flat.grad
+
+
+def test_projected_moments_are_the_new_gradients_after_a_lossless_squeeze():
+    """Rank-3 updates stored in rank-6 factors, squeezed to rank 3 (ΔW unchanged), with moments m = g and
+    v = g² (one step of plain accumulation): the projected first moments equal the gradients of the new factors
+    (1e-6 relative, both A and B); second moments stay non-negative, and are exact when the new factors are the
+    old ones selected (factors already in SVD form: S and T pick coordinates)."""
+    from bilora_dist.squeeze.schedule import _project_moments
+
+    gen = torch.Generator().manual_seed(11)
+    shapes = [LayerShape(f"l{i}", 24, 16) for i in range(3)]
+    layers = [decaying_factors(16, 24, 6, gen, deficient=3) for _ in shapes]
+    old = Branch.from_factors(shapes, layers, [0.5, 2.0, 1.0])
+    G = [torch.randn(16, 24, generator=gen, dtype=torch.float64) for _ in shapes]
+    grad = _linear_loss_grads(old, G)
+    new, _ = squeeze_branch(old, 3)
+    state = _project_moments(old, new, {"step": torch.tensor(1.0), "exp_avg": grad, "exp_avg_sq": grad.square()})
+    want = _linear_loss_grads(new, G)
+    for i in range(len(shapes)):
+        for got_part, want_part in zip(Branch(shapes, new.ranks, new.scales, state["exp_avg"]).factors(i),
+                                       Branch(shapes, new.ranks, new.scales, want).factors(i)):
+            assert relative_error(got_part, want_part) <= 1e-6
+    assert (state["exp_avg_sq"] >= 0).all() and state["step"] == 1
+
+    svd_form = new  # balanced SVD factors: squeezing them again keeps their leading columns (S, T selections)
+    grad = _linear_loss_grads(svd_form, G)
+    new, _ = squeeze_branch(svd_form, 2)
+    state = _project_moments(svd_form, new, {"exp_avg": grad, "exp_avg_sq": grad.square()})
+    torch.testing.assert_close(state["exp_avg_sq"], _linear_loss_grads(new, G).square(), rtol=1e-6, atol=1e-12)

@@ -21,6 +21,9 @@ from bilora_dist.engines.base import Engine
 # A trained tensor is therefore compared as a whole (relative Frobenius error) and by its bulk (median error),
 # never element by element; a 1-ulp change of the base reaches 2.4e-4 and 2.4e-6 of them.
 TRAINED_RTOL, TRAINED_BULK_RTOL = 1e-3, 1e-5
+# A squeeze re-factorises every layer by SVD: the noise, rounded into the new basis, reaches every entry of the
+# products B A that later steps train on (2-rank ZeRO-3 vs 1 process, two squeezes in 6 steps: 1.3e-5).
+SQUEEZED_BULK_RTOL = 1e-4
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -123,12 +126,19 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.detach().double() - want).norm() / want.norm())
 
 
-def assert_trained_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+def lora_products(adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each layer's B A from a PEFT adapter state dict (lora_A / lora_B pairs), keyed by the layer."""
+    return {key.removesuffix(".lora_A.weight"): adapter[key.replace("lora_A", "lora_B")] @ A
+            for key, A in adapter.items() if key.endswith(".lora_A.weight")}
+
+
+def assert_trained_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
+                         bulk_rtol: float = TRAINED_BULK_RTOL) -> None:
     """Tensors trained by AdamW agree up to summation order: each within TRAINED_RTOL relative Frobenius error,
-    and its median entry error within TRAINED_BULK_RTOL of its median magnitude (a whole layer off by 1e-3 fails)."""
+    and its median entry error within `bulk_rtol` of its median magnitude (a whole layer off by 1e-3 fails)."""
     assert got.keys() == want.keys()
     for key, ref in want.items():
         ref = ref.detach().double()
         error = relative_error(got[key], ref)
         bulk = float((got[key].detach().double() - ref).abs().median() / ref.abs().median())
-        assert error < TRAINED_RTOL and bulk < TRAINED_BULK_RTOL, f"{key}: relative error {error:.2e}, bulk {bulk:.2e}"
+        assert error < TRAINED_RTOL and bulk < bulk_rtol, f"{key}: relative error {error:.2e}, bulk {bulk:.2e}"

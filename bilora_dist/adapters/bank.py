@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
+
+from bilora_dist.adapters.product import low_rank_product
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ class AdapterBank(nn.Module):
             A2, B2 = self._factors(1, i)
             A = torch.cat([A, A2])
             B = torch.cat([B, B2 * self.aux.scales[i]], dim=1)
-        return F.linear(F.linear(x.to(A.dtype), A), B)
+        return low_rank_product(x, A, B)
 
     @contextmanager
     def primary_only(self) -> Iterator[None]:

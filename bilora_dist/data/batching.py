@@ -1,4 +1,7 @@
-"""Batches: the tokenized example, left-padded collation and the step-indexed batch plan."""
+"""Batches: the tokenized example, left-padded or packed collation and the step-indexed batch plan.
+
+In either layout the first token of every example is never a target: nothing before it belongs to the example.
+"""
 
 from __future__ import annotations
 
@@ -20,14 +23,27 @@ class Example:
     labels: list[int]
 
 
-def collate(examples: Sequence[Example | Mapping[str, list[int]]], pad_id: int) -> dict[str, Tensor]:
-    """Left-padded batch with explicit position ids, from Examples or rows {"input_ids", "labels"} (as an
-    Arrow dataset of tokenized examples returns them).
+def ids_and_labels(example: Example | Mapping[str, list[int]]) -> tuple[list[int], list[int]]:
+    """An Example's or a row's {"input_ids", "labels"} (as an Arrow dataset of tokenized examples returns them)."""
+    if isinstance(example, Example):
+        return example.input_ids, example.labels
+    return example["input_ids"], example["labels"]
+
+
+def _logits_to_keep(labels: Tensor) -> int:
+    """Columns from the one before the batch's first supervised target to the end: where logits are needed."""
+    supervised = (labels[:, 1:] != IGNORE).any(0).nonzero()
+    first_target = int(supervised[0]) + 1 if len(supervised) else labels.shape[1] - 1
+    return labels.shape[1] - first_target + 1
+
+
+def collate(examples: Sequence[Example | Mapping[str, list[int]]], pad_id: int) -> dict[str, Tensor | int]:
+    """Left-padded batch with explicit position ids and an attention mask.
 
     Left padding puts every sequence's end at the last column, so the supervised tail of the batch
     is a short suffix: `logits_to_keep` asks the model for logits over that suffix only.
     """
-    pairs = [(e.input_ids, e.labels) if isinstance(e, Example) else (e["input_ids"], e["labels"]) for e in examples]
+    pairs = [ids_and_labels(e) for e in examples]
     width = max(len(ids) for ids, _ in pairs)
     input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
     labels = torch.full((len(pairs), width), IGNORE, dtype=torch.long)
@@ -35,13 +51,60 @@ def collate(examples: Sequence[Example | Mapping[str, list[int]]], pad_id: int) 
     for row, (ids, labs) in enumerate(pairs):
         n = len(ids)
         input_ids[row, width - n:] = torch.tensor(ids)
-        labels[row, width - n:] = torch.tensor(labs)
+        labels[row, width - n + 1:] = torch.tensor(labs[1:], dtype=torch.long)  # a pad never predicts a token
         mask[row, width - n:] = 1
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    supervised = (labels[:, 1:] != IGNORE).any(0).nonzero()
-    first_target = int(supervised[0]) + 1 if len(supervised) else width - 1
     return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels,
-            "logits_to_keep": width - first_target + 1}
+            "logits_to_keep": _logits_to_keep(labels)}
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the indices of `lengths` per row, every row's total at most `capacity`.
+
+    Longest first (ties by index), each into the first row with room, so the packing is deterministic.
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if lengths[i] > capacity:
+            raise ValueError(f"an example of {lengths[i]} tokens does not fit a row of {capacity}")
+        row = next((r for r, free in enumerate(room) if lengths[i] <= free), len(rows))
+        if row == len(rows):
+            rows.append([])
+            room.append(capacity)
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
+
+
+def collate_packed(examples: Sequence[Example | Mapping[str, list[int]]], seq_len: int | None,
+                   pad_id: int) -> dict[str, Tensor | int | None]:
+    """The examples packed into rows of at most `seq_len` tokens (`pack_rows`), or into one row when `seq_len`
+    is None, each with its own position ids 0..n-1 and no attention mask.
+
+    Transformers reads the restarting position ids as separate sequences: sdpa, eager and flex attention get
+    a block-causal mask; flash attention runs varlen, but only on a batch of one row (hence None). Rows shorter
+    than the longest end in a run of pad tokens with positions 0..p-1: a sequence of its own that no example
+    attends to, with no targets.
+    """
+    pairs = [ids_and_labels(e) for e in examples]
+    lengths = [len(ids) for ids, _ in pairs]
+    rows = pack_rows(lengths, sum(lengths) if seq_len is None else seq_len)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        col = 0
+        for i in row:
+            (ids, labs), n = pairs[i], lengths[i]
+            input_ids[r, col:col + n] = torch.tensor(ids)
+            labels[r, col + 1:col + n] = torch.tensor(labs[1:], dtype=torch.long)  # not predicted by its neighbour
+            position_ids[r, col:col + n] = torch.arange(n)
+            col += n
+        position_ids[r, col:] = torch.arange(width - col)
+    return {"input_ids": input_ids, "attention_mask": None, "position_ids": position_ids, "labels": labels,
+            "logits_to_keep": _logits_to_keep(labels)}
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -33,7 +33,9 @@ def make_engine(cfg: Any) -> Engine:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     name = resolve_engine_name(cfg.engine, cfg.ds_config, world)
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls (the adapters')
+    dtype = cfg.dtype
     if name == "single":
         if world > 1:
             raise UserError(f"--engine single runs one process, but the launcher started {world}; "

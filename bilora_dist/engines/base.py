@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bilora_dist.modeling import load_frozen_model
+from bilora_dist.modeling import LoadOptions, load_frozen_model
 
 
 class Engine:
@@ -23,9 +23,9 @@ class Engine:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def build(self, path: str, dtype: torch.dtype) -> nn.Module:
+    def build(self, path: str, options: LoadOptions) -> nn.Module:
         """The frozen base model from a model directory (a sharding engine creates it already partitioned)."""
-        return load_frozen_model(path, dtype).to(self.device)
+        return load_frozen_model(path, options, self.device)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """Attach the engine to the frozen, adapter-injected model; returns what forward is called on."""

@@ -16,7 +16,8 @@ from torch import nn
 
 from bilora_dist.ds_config import hidden_size_of, resolve, unused_line
 from bilora_dist.engines.distributed import DataParallelEngine, single_process_defaults
-from bilora_dist.modeling import load_config, load_frozen_model
+from bilora_dist.errors import UserError
+from bilora_dist.modeling import LoadOptions, load_config, load_frozen_model
 
 # DeepSpeedZeRoOffload's parameter-partitioning options, under DeepSpeedZeroConfig's field names
 _PARTITIONING = ("param_persistence_threshold", "model_persistence_threshold", "prefetch_bucket_size",
@@ -48,16 +49,19 @@ class DeepSpeedEngine(DataParallelEngine):
         self._hf_ds_config = None
         self._offload: Any = None
 
-    def build(self, path: str, dtype: torch.dtype) -> nn.Module:
+    def build(self, path: str, options: LoadOptions) -> nn.Module:
         if self.stage < 3:
-            return super().build(path, dtype)
+            return super().build(path, options)
+        if options.quantize != "none":
+            raise UserError(f"--quantize {options.quantize} with ZeRO-3: DeepSpeed cannot partition bitsandbytes "
+                            "4-bit weights; use a ZeRO-1/2 --ds_config (replicated base) or --engine single")
         from transformers.integrations import HfDeepSpeedConfig
 
-        self.ds_config = resolve(self.user_config, dtype == torch.bfloat16, hidden_size_of(load_config(path)))
+        self.ds_config = resolve(self.user_config, options.dtype == torch.bfloat16, hidden_size_of(load_config(path)))
         # While this object lives, from_pretrained builds the model under deepspeed.zero.Init (each rank
         # allocates only its partition) and loads the checkpoint into the partitions.
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-        return load_frozen_model(path, dtype)
+        return load_frozen_model(path, options)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.stage < 3:

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from bilora_dist.engines.distributed import DataParallelEngine
 from bilora_dist.errors import UserError
-from bilora_dist.modeling import build_on_meta, safetensors_index, shard_units
+from bilora_dist.modeling import LoadOptions, build_on_meta, safetensors_index, shard_units
 
 
 class FSDPEngine(DataParallelEngine):
@@ -32,8 +32,12 @@ class FSDPEngine(DataParallelEngine):
         self.mesh = init_device_mesh(self.device.type, (self.world_size,))
         self._root: nn.Module | None = None
 
-    def build(self, path: str, dtype: torch.dtype) -> nn.Module:
-        model = build_on_meta(path, dtype)
+    def build(self, path: str, options: LoadOptions) -> nn.Module:
+        if options.quantize != "none":
+            raise UserError(f"--quantize {options.quantize} with --engine fsdp: FSDP2 here builds the base on the meta "
+                            "device and loads each rank's shards itself, which bitsandbytes cannot quantise; use "
+                            "--engine single or a ZeRO-1/2 --ds_config (replicated base)")
+        model = build_on_meta(path, options)
         # to_empty gives every buffer new, uninitialised storage: keep the values the model computed
         buffers = dict(model.named_buffers(remove_duplicate=False))
         for unit in shard_units(model):

@@ -68,25 +68,27 @@ def parse_squeeze(spec: str, total_steps: int, train_rank: int, min_stage: int,
 
 @torch.no_grad()
 def _project_moments(old: Branch, new: Branch, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """AdamW moments carried into the new basis: with T = A' A⁺ (k x r), m_A' = T m_A and m_B' = m_B Tᵀ
-    (the scale is kept, s' = s); second moments through T∘T so they stay non-negative."""
+    """AdamW moments carried into the new factors, mapped as gradients are mapped.
+
+    The new factors span subspaces of the old ones: B' = B S with S = B⁺B' (r x k), A' = T A with T = A'A⁺
+    (k x r). For a loss gradient G of ΔW, the factor gradients g_A = s BᵀG and g_B = s G Aᵀ become
+    g_A' = (s'/s) Sᵀ g_A and g_B' = (s'/s) g_B Tᵀ: first moments, linear in the gradients, map the same way.
+    Second moments map through the elementwise squares (s'/s)² (S∘S)ᵀ and (T∘T)ᵀ: non-negative, and exact when
+    S and T are diagonal or permutations (each new coordinate one old coordinate, rescaled)."""
     out = {k: v for k, v in state.items() if k not in ("exp_avg", "exp_avg_sq")}
-    old_views = {name: Branch(old.shapes, old.ranks, old.scales, state[name].detach().clone())
-                 for name in ("exp_avg", "exp_avg_sq")}
-    for name in ("exp_avg", "exp_avg_sq"):
-        projected = torch.zeros_like(new.flat)
-        target = Branch(new.shapes, new.ranks, new.scales, projected)
-        for i in range(len(old.shapes)):
-            A, _ = old.factors(i)
-            A_new, _ = new.factors(i)
-            T = A_new @ torch.linalg.pinv(A)
-            T = T if name == "exp_avg" else T.square()
-            m_A, m_B = old_views[name].factors(i)
-            dst_A, dst_B = target.factors(i)
-            dst_A.copy_(T @ m_A)
-            dst_B.copy_(m_B @ T.T)
-        out[name] = target.flat.detach()
-    return out
+    moments = {name: Branch(old.shapes, old.ranks, old.scales, state[name].detach().clone())
+               for name in ("exp_avg", "exp_avg_sq")}
+    targets = {name: Branch(new.shapes, new.ranks, new.scales, torch.zeros_like(new.flat)) for name in moments}
+    for i in range(len(old.shapes)):
+        (A, B), (A_new, B_new) = old.factors(i), new.factors(i)
+        ratio = new.scales[i] / old.scales[i]
+        S, T = torch.linalg.pinv(B) @ B_new, A_new @ torch.linalg.pinv(A)
+        for name, power in (("exp_avg", 1), ("exp_avg_sq", 2)):
+            m_A, m_B = moments[name].factors(i)
+            dst_A, dst_B = targets[name].factors(i)
+            dst_A.copy_(ratio ** power * S.pow(power).T @ m_A)
+            dst_B.copy_(ratio ** power * m_B @ T.pow(power).T)
+    return out | {name: target.flat.detach() for name, target in targets.items()}
 
 
 def apply_rank_change(bank: AdapterBank, rank: int, optimizer: torch.optim.Optimizer, engine: Engine,

@@ -1,0 +1,121 @@
+"""The activation memory of one micro-batch, traced on the meta device (no storage is ever allocated).
+
+One forward pass of the decoder (embeddings, blocks, final norm; not the output head, which the loss
+accounts for) runs on meta tensors with the adapters attached, and every tensor autograd saves for the
+backward pass is counted once per storage: q, k and v save views of one input, which is counted once.
+Parameters and buffers are resident anyway and are not counted.
+
+Attention is traced as a fused kernel (SDPA's flash / memory-efficient path, flash-attn), which keeps
+q, k, v, the output and the log-sum-exp, never the seq x seq probabilities: on meta, SDPA would pick
+its math fallback and save those. `eager` attention is traced as it runs. The 4-D padding mask
+(batch x seq x seq booleans) is a block input, as in a padded batch.
+
+Gradient checkpointing (HF's, non-reentrant) keeps each block's inputs and whatever is saved outside
+the blocks; during backward one block at a time is recomputed, which holds that block's saved tensors
+again on top: the largest block's is the recompute peak.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from bilora_dist.adapters import inject
+from bilora_dist.adapters.bank import AdapterBank, Branch, LayerShape
+from bilora_dist.modeling import shard_units
+
+META = torch.device("meta")
+
+
+@dataclass(frozen=True)
+class ActivationTrace:
+    """Saved-for-backward bytes of one micro-batch."""
+
+    full_bytes: int  # without gradient checkpointing: everything the forward pass saves
+    kept_bytes: int  # with it: the blocks' inputs and what is saved outside the blocks
+    recompute_bytes: int  # with it: the largest block's saved tensors, rebuilt during its backward
+
+    def activations(self, checkpointing: bool) -> int:
+        return self.kept_bytes if checkpointing else self.full_bytes
+
+    def recompute(self, checkpointing: bool) -> int:
+        return self.recompute_bytes if checkpointing else 0
+
+
+class _FusedAttention(TorchFunctionMode):
+    """Routes F.scaled_dot_product_attention to the fused kernel, whose meta function saves what the
+    real fused kernels save (meta SDPA would otherwise take the math path)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        q, k, v = args[:3]
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False),
+            attn_mask=kwargs.get("attn_mask"), scale=kwargs.get("scale"))[0]
+
+
+def _key(t: Tensor) -> int:
+    return t.untyped_storage()._cdata  # the StorageImpl's address: shared by views, unique while alive
+
+
+def meta_bank(shapes: list[LayerShape], rank: int, aux_rank: int | None) -> AdapterBank:
+    """A trainable adapter bank (primary `rank`, auxiliary `aux_rank` if any) on the meta device."""
+    def branch(r: int) -> Branch:
+        flat = torch.empty(sum(r * (s.in_features + s.out_features) for s in shapes), device=META)
+        return Branch(shapes, [r] * len(shapes), [1.0] * len(shapes), flat)
+
+    return AdapterBank(shapes, branch(rank), branch(aux_rank) if aux_rank else None)
+
+
+def trace_activations(model: nn.Module, bank: AdapterBank, batch: int, seq: int,
+                      attention: str = "sdpa") -> ActivationTrace:
+    """Trace one forward pass of `model` (built on meta, frozen) with `bank` (on meta) attached."""
+    resident = {_key(t) for t in (*model.parameters(), *model.buffers(), *bank.parameters())}
+    head = model.get_output_embeddings()
+    blocks = [u for u in shard_units(model) if u is not model.get_input_embeddings() and u is not head]
+    saved: dict[int, tuple[int, int | None, Tensor]] = {}  # storage -> (bytes, block that first saved it, tensor)
+    inputs: dict[int, tuple[int, Tensor]] = {}
+    current: list[int | None] = [None]
+
+    def enter(index: int):
+        def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+            current[0] = index
+            for t in tree_leaves((args, kwargs)):
+                if isinstance(t, Tensor) and _key(t) not in resident:
+                    inputs.setdefault(_key(t), (t.untyped_storage().nbytes(), t))
+        return hook
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        current[0] = None
+
+    def pack(t: Tensor) -> Tensor:
+        if _key(t) not in resident and _key(t) not in saved:
+            saved[_key(t)] = (t.untyped_storage().nbytes(), current[0], t)  # holding t keeps the key unique
+        return t
+
+    handles = inject(model, bank)
+    for i, block in enumerate(blocks):
+        handles += [block.register_forward_pre_hook(enter(i), with_kwargs=True), block.register_forward_hook(leave)]
+    ids = torch.zeros(batch, seq, dtype=torch.long, device=META)
+    mask = torch.ones(batch, 1, seq, seq, dtype=torch.bool, device=META)  # 4-D: HF reads no values of it
+    positions = torch.arange(seq, device=META).expand(batch, seq)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                (nullcontext() if attention == "eager" else _FusedAttention()):
+            model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    kept = {k: n for k, (n, block, _) in saved.items() if block is None} | {k: n for k, (n, _) in inputs.items()}
+    per_block = [sum(n for k, (n, block, _) in saved.items() if block == i and k not in kept)
+                 for i in range(len(blocks))]
+    return ActivationTrace(sum(n for n, _, _ in saved.values()), sum(kept.values()), max(per_block, default=0))
