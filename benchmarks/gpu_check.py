@@ -485,26 +485,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def write_report(out: Path, report: dict) -> None:
+    """Writes the JSON and markdown report (after every part, so a run cut short keeps what it measured)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "gpu_check.md").write_text(markdown(report))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     shapes = SMOKE if args.smoke else LLAMA3_8B
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({device})"
     started = time.perf_counter()
+    out = Path(args.out)
     checks = correctness(device)
-    sections, notes = [throughput(shapes, device, False, args.steps, WARMUP)], []
+    report = {"device": name, "versions": versions(), "shapes": asdict(shapes), "throughput": [],
+              "checks": [asdict(c) | {"passed": c.passed} for c in checks], "notes": []}
+    write_report(out, report)
+    report["throughput"].append(throughput(shapes, device, False, args.steps, WARMUP))
+    write_report(out, report)
     why = "--skip-4bit" if args.skip_4bit else four_bit_unavailable()
     if why is None:
-        sections.append(throughput(shapes, device, True, args.steps, WARMUP))
+        report["throughput"].append(throughput(shapes, device, True, args.steps, WARMUP))
     else:
-        notes.append(f"4-bit base skipped: {why}")
-    notes.append(f"Total {time.perf_counter() - started:.0f} s{' (--smoke: tiny shapes)' if args.smoke else ''}.")
-    report = {"device": name, "versions": versions(), "shapes": asdict(shapes), "throughput": sections,
-              "checks": [asdict(c) | {"passed": c.passed} for c in checks], "notes": notes}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "gpu_check.md").write_text(markdown(report))
+        report["notes"].append(f"4-bit base skipped: {why}")
+    report["notes"].append(f"Total {time.perf_counter() - started:.0f} s"
+                           f"{' (--smoke: tiny shapes)' if args.smoke else ''}.")
+    write_report(out, report)
     print("\n" + markdown(report))
     return 0 if all(c.passed for c in checks) else 1
 
