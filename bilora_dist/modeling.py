@@ -158,16 +158,21 @@ def load_frozen_model(path: str, options: LoadOptions | torch.dtype = torch.floa
     return model
 
 
+def check_4bit_layer(name: str, in_features: int, blocksize: int, device: torch.device) -> None:
+    """UserError for a 4-bit layer bitsandbytes (0.50) computes wrongly on `device`: on the CPU its kernel
+    dequantises a row whose length is not a multiple of the block wrongly (blocks per row)."""
+    if device.type == "cpu" and in_features % blocksize:
+        raise UserError(f"--quantize 4bit on the CPU: layer {name} has {in_features} input features, "
+                        f"not a multiple of {blocksize}, which bitsandbytes' CPU kernel dequantises wrongly")
+
+
 def _check_4bit(model: nn.Module) -> None:
     """Keep a 4-bit base on the paths bitsandbytes (0.50) computes correctly on the CPU."""
     for name, module in model.named_modules():
         state = getattr(getattr(module, "weight", None), "quant_state", None)
         if state is None:
             continue
-        # its CPU kernel dequantises a row whose length is not a multiple of the block wrongly (blocks per row)
-        if module.weight.device.type == "cpu" and module.in_features % state.blocksize:
-            raise UserError(f"--quantize 4bit on the CPU: layer {name} has {module.in_features} input features, "
-                            f"not a multiple of {state.blocksize}, which bitsandbytes' CPU kernel dequantises wrongly")
+        check_4bit_layer(name, module.in_features, state.blocksize, module.weight.device)
         # it repacks a weight for its CPU inference kernel (AVX512-BF16 CPUs) at the first no-grad forward,
         # undoing the double quantisation: every CPU computes with the weights as loaded
         module.support_avx512bf16_for_cpu = False

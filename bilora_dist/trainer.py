@@ -25,7 +25,7 @@ from bilora_dist.config import TrainConfig
 from bilora_dist.data import Prepared, prepare_examples
 from bilora_dist.data.tokenize import TokenizeOptions
 from bilora_dist.embedded import DEFAULT_EVAL, DEFAULT_TRAIN
-from bilora_dist.engines import Engine, make_engine, resolve_engine_name
+from bilora_dist.engines import Engine, check_quantized_zero, make_engine, resolve_engine_name
 from bilora_dist.errors import UserError
 from bilora_dist.evaluation import choice_task
 from bilora_dist.export import save_peft_adapter
@@ -50,6 +50,8 @@ def dry_run(cfg: TrainConfig) -> str:
     zero = resolve(read_ds_config(cfg.ds_config) if cfg.ds_config else DEFAULT_ZERO3, cfg.bf16 == "true",
                    hidden_size_of(model.config))["zero_optimization"]
     kind = {"single": "single", "fsdp": "fsdp"}.get(name, "zero3" if zero["stage"] == 3 else "replicated")
+    if kind == "zero3":
+        check_quantized_zero(cfg.quantize, 3)
     shapes = layer_shapes(model, select_targets(model, cfg.target_modules))
     check_rank(shapes, cfg.rank, "--rank")
     ranks = cfg.rank + (cfg.aux_rank if cfg.method == "bilora" else 0)

@@ -17,13 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests_support import (ROOT, SQUEEZED_BULK_RTOL, TRAINED_BULK_RTOL, assert_trained_close, free_port, launcher,
+from tests_support import (ROOT, assert_same_run, assert_trained_close, free_port, launcher,
                            lora_products, read_metrics, relative_error, run_env, run_ok, step_rows, two_ranks)
 
 STEPS = 6
-# loss, gradient norm and auxiliary norm of every step: sums of the same terms in another order (a 1-ulp change of
-# every base weight moves them by 2.3e-7, 16 ulps by 1.2e-6)
-METRIC_RTOL = 1e-5
 
 
 def train_args(model: Path, data: tuple[Path, Path], out: Path, method: str, accum: int) -> list[str]:
@@ -53,18 +50,7 @@ def summary(out: Path) -> dict:
 
 
 def assert_same_training(out: Path, ref: Path, products: bool = False) -> None:
-    """Every step's loss, gradient norm and auxiliary norm to METRIC_RTOL; the trained adapters layer by layer
-    (with `products`, each layer's B A: after a squeeze the factors are an SVD basis, which float noise rotates)."""
-    rows, ref_rows = step_rows(out), step_rows(ref)
-    assert len(rows) == len(ref_rows) == STEPS
-    for key in ("loss", "grad_norm", "aux_norm"):
-        assert all((key in r) == (key in ref_rows[0]) for r in rows + ref_rows), key
-        if key in ref_rows[0]:
-            assert [r[key] for r in rows] == pytest.approx([r[key] for r in ref_rows], rel=METRIC_RTOL, abs=0), key
-    got, want = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, ref))
-    if products:
-        got, want = lora_products(got), lora_products(want)
-    assert_trained_close(got, want, SQUEEZED_BULK_RTOL if products else TRAINED_BULK_RTOL)
+    assert_same_run(out, ref, STEPS, products)
 
 
 @pytest.mark.parametrize("method", ["lora", "bilora"])

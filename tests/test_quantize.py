@@ -15,8 +15,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.config import parse_config
 from bilora_dist.errors import UserError
+from bilora_dist.engines.nf4 import PackedLinear4bit
 from bilora_dist.modeling import LoadOptions, load_frozen_model
-from tests_support import read_metrics, relative_error, run_cmd, run_ok, tiny_llama_config
+from tests_support import (assert_same_run, launcher, read_metrics, relative_error, run_cmd, run_env, run_ok,
+                           tiny_llama_config)
 
 CPU = torch.device("cpu")
 Q4 = LoadOptions(torch.float32, "4bit")
@@ -118,14 +120,57 @@ def test_4bit_layers_bitsandbytes_mis_dequantises_on_the_cpu_are_refused(tiny_mo
                               "features, not a multiple of 64, which bitsandbytes' CPU kernel dequantises wrongly")
 
 
-@pytest.mark.parametrize("flags, want", [
-    (["--ds_config", "ds_configs/zero3.json"], "--quantize 4bit with ZeRO-3: DeepSpeed cannot partition bitsandbytes "
-     "4-bit weights; use a ZeRO-1/2 --ds_config (replicated base) or --engine single"),
-    (["--engine", "fsdp"], "--quantize 4bit with --engine fsdp: FSDP2 here builds the base on the meta device and "
-     "loads each rank's shards itself, which bitsandbytes cannot quantise; use --engine single or a ZeRO-1/2 "
-     "--ds_config (replicated base)")])
-def test_4bit_on_a_sharded_base_is_refused(q4_model_dir, small_data, tmp_path, flags, want):
-    assert _refusal(q4_model_dir, small_data, tmp_path, "--quantize", "4bit", *flags) == f"error: {want}"
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_4bit_with_zero3_is_refused_before_the_data(q4_model_dir, small_data, tmp_path, dry_run):
+    """Refused in one line, by the run's first stage (the data file here cannot be read: never reached) and by
+    the dry-run plan."""
+    small_data[0].write_text("not json\n")
+    want = ("error: --quantize 4bit with ZeRO-3: DeepSpeed cannot partition bitsandbytes 4-bit weights; use "
+            "--engine fsdp, a ZeRO-1/2 --ds_config (replicated base) or --engine single")
+    assert _refusal(q4_model_dir, small_data, tmp_path, "--quantize", "4bit", "--ds_config",
+                    "ds_configs/zero3.json", *dry_run) == want
+
+
+def test_packed_4bit_layer_computes_what_bitsandbytes_linear4bit_does(q4_model_dir):
+    """The FSDP2 engine's PackedLinear4bit against transformers' own 4-bit layer on the same weight: the same
+    bytes, quantisation state, output and input gradient, bit for bit."""
+    q4 = load_frozen_model(str(q4_model_dir), Q4, CPU)
+    original = load_frozen_model(str(q4_model_dir), torch.float32)
+    for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"):
+        reference, linear = q4.get_submodule(name), original.get_submodule(name)
+        packed = PackedLinear4bit(linear, torch.float32)
+        with torch.no_grad():
+            packed.weight.copy_(packed.quantize_(linear.weight))
+        assert packed.weight.shape == reference.weight.shape  # bytes compared as bytes (some are NaN as floats)
+        assert torch.equal(packed.weight.view(torch.uint8), reference.weight.data.view(torch.uint8))
+        for key, value in packed.quant_state.as_dict(packed=True).items():
+            want = reference.weight.quant_state.as_dict(packed=True)[key]
+            assert torch.equal(value, want) if isinstance(value, torch.Tensor) else value == want, key
+        x = torch.randn(3, 5, linear.in_features, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        got = packed(x)
+        (grad,) = torch.autograd.grad(got.square().sum(), x)
+        want = reference(x)
+        (want_grad,) = torch.autograd.grad(want.square().sum(), x)
+        assert torch.equal(got, want) and torch.equal(grad, want_grad)
+        assert relative_error(got, linear(x)) > 1e-3  # it is the 4-bit weight that computes
+
+
+def test_bilora_on_a_4bit_base_trains_the_same_on_fsdp2_as_on_one_process(q4_model_dir, small_data, tmp_path):
+    """2-rank FSDP2 sharding the NF4 bytes (with gradient checkpointing, which recomputes each 4-bit matmul
+    from re-gathered bytes) against the single process's transformers 4-bit base: the same losses, norms and
+    trained adapter; each rank holds half of the packed bytes."""
+    runs = {}
+    for kind in ("single", "fsdp"):
+        out = tmp_path / kind
+        run_ok(launcher(kind) + ["--quantize", "4bit", "--method", "bilora", "--model", str(q4_model_dir),
+                                 "--data", str(small_data[0]), "--eval-data", str(small_data[1]), "--max-steps", "4",
+                                 "--micro-batch-size", "2", "--grad-accum", "2" if kind == "single" else "1",
+                                 "--lr", "1e-2", "--output-dir", str(out), "--data-cache", "none"]
+               + (["--gradient-checkpointing"] if kind == "fsdp" else []), env=run_env(), timeout=900)
+        runs[kind] = out
+    assert_same_run(runs["fsdp"], runs["single"], 4)
+    single, fsdp = (next(r for r in read_metrics(runs[k]) if "base_held_numel" in r) for k in ("single", "fsdp"))
+    assert fsdp["base_numel"] == single["base_numel"] == 2 * fsdp["base_held_numel"][0]
 
 
 def test_unavailable_attention_implementation_is_refused(q4_model_dir, small_data, tmp_path):

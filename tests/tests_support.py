@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaConfig
 
 from bilora_dist.adapters.bank import AdapterBank, Branch, LayerShape
@@ -24,6 +26,9 @@ TRAINED_RTOL, TRAINED_BULK_RTOL = 1e-3, 1e-5
 # A squeeze re-factorises every layer by SVD: the noise, rounded into the new basis, reaches every entry of the
 # products B A that later steps train on (2-rank ZeRO-3 vs 1 process, two squeezes in 6 steps: 1.3e-5).
 SQUEEZED_BULK_RTOL = 1e-4
+# loss, gradient norm and auxiliary norm of every step between engines: sums of the same terms in another order (a
+# 1-ulp change of every base weight moves them by 2.3e-7, 16 ulps by 1.2e-6)
+METRIC_RTOL = 1e-5
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -142,3 +147,18 @@ def assert_trained_close(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
         error = relative_error(got[key], ref)
         bulk = float((got[key].detach().double() - ref).abs().median() / ref.abs().median())
         assert error < TRAINED_RTOL and bulk < bulk_rtol, f"{key}: relative error {error:.2e}, bulk {bulk:.2e}"
+
+
+def assert_same_run(out: Path, ref: Path, steps: int, products: bool = False) -> None:
+    """Every step's loss, gradient norm and auxiliary norm to METRIC_RTOL; the trained adapters layer by layer
+    (with `products`, each layer's B A: after a squeeze the factors are an SVD basis, which float noise rotates)."""
+    rows, ref_rows = step_rows(out), step_rows(ref)
+    assert len(rows) == len(ref_rows) == steps
+    for key in ("loss", "grad_norm", "aux_norm"):
+        assert all((key in r) == (key in ref_rows[0]) for r in rows + ref_rows), key
+        if key in ref_rows[0]:
+            assert [r[key] for r in rows] == pytest.approx([r[key] for r in ref_rows], rel=METRIC_RTOL, abs=0), key
+    got, want = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, ref))
+    if products:
+        got, want = lora_products(got), lora_products(want)
+    assert_trained_close(got, want, SQUEEZED_BULK_RTOL if products else TRAINED_BULK_RTOL)

@@ -10,7 +10,7 @@ import torch
 from bilora_dist.engines.base import Engine
 from bilora_dist.errors import UserError
 
-__all__ = ["Engine", "make_engine", "resolve_engine_name"]
+__all__ = ["Engine", "check_quantized_zero", "make_engine", "resolve_engine_name"]
 
 
 def under_deepspeed_launcher() -> bool:
@@ -25,6 +25,13 @@ def resolve_engine_name(engine: str, ds_config: str, world_size: int) -> str:
     if under_deepspeed_launcher() or ds_config:
         return "deepspeed"
     return "fsdp" if world_size > 1 else "single"
+
+
+def check_quantized_zero(quantize: str, stage: int) -> None:
+    """UserError for a quantised base under ZeRO-3, whose partitioning cannot hold bitsandbytes' 4-bit weights."""
+    if quantize != "none" and stage == 3:
+        raise UserError(f"--quantize {quantize} with ZeRO-3: DeepSpeed cannot partition bitsandbytes 4-bit weights; "
+                        "use --engine fsdp, a ZeRO-1/2 --ds_config (replicated base) or --engine single")
 
 
 def make_engine(cfg: Any) -> Engine:
@@ -44,7 +51,9 @@ def make_engine(cfg: Any) -> Engine:
     if name == "deepspeed":
         from bilora_dist.engines.deepspeed import DeepSpeedEngine
 
-        return DeepSpeedEngine(read_ds_config(cfg.ds_config) if cfg.ds_config else DEFAULT_ZERO3, dtype)
+        ds = read_ds_config(cfg.ds_config) if cfg.ds_config else DEFAULT_ZERO3
+        check_quantized_zero(cfg.quantize, ds.get("zero_optimization", {}).get("stage", 0))
+        return DeepSpeedEngine(ds, dtype)
     from bilora_dist.engines.fsdp import FSDPEngine
 
     return FSDPEngine(dtype)

@@ -16,7 +16,6 @@ from torch import nn
 
 from bilora_dist.ds_config import hidden_size_of, resolve, unused_line
 from bilora_dist.engines.distributed import DataParallelEngine, single_process_defaults
-from bilora_dist.errors import UserError
 from bilora_dist.modeling import LoadOptions, load_config, load_frozen_model
 
 # DeepSpeedZeRoOffload's parameter-partitioning options, under DeepSpeedZeroConfig's field names
@@ -52,9 +51,6 @@ class DeepSpeedEngine(DataParallelEngine):
     def build(self, path: str, options: LoadOptions) -> nn.Module:
         if self.stage < 3:
             return super().build(path, options)
-        if options.quantize != "none":
-            raise UserError(f"--quantize {options.quantize} with ZeRO-3: DeepSpeed cannot partition bitsandbytes "
-                            "4-bit weights; use a ZeRO-1/2 --ds_config (replicated base) or --engine single")
         from transformers.integrations import HfDeepSpeedConfig
 
         self.ds_config = resolve(self.user_config, options.dtype == torch.bfloat16, hidden_size_of(load_config(path)))

@@ -1,5 +1,6 @@
 """FSDP2: the frozen base built on the meta device, `fully_shard` per decoder block (and per untied
-embedding / head), then each rank materialises and loads only its own shards, tensor by tensor.
+embedding / head), then each rank materialises and loads only its own shards, tensor by tensor. A 4-bit
+base shards each linear layer's NF4 bytes (`engines/nf4.py`).
 
 The adapters are not parameters of the model, so FSDP never shards or reduces them; the training
 loop's single all-reduce of the adapter bucket is the only adapter communication.
@@ -17,6 +18,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from bilora_dist.engines.distributed import DataParallelEngine
+from bilora_dist.engines.nf4 import PackedLinear4bit, pack_linear_layers
 from bilora_dist.errors import UserError
 from bilora_dist.modeling import LoadOptions, build_on_meta, safetensors_index, shard_units
 
@@ -33,11 +35,9 @@ class FSDPEngine(DataParallelEngine):
         self._root: nn.Module | None = None
 
     def build(self, path: str, options: LoadOptions) -> nn.Module:
-        if options.quantize != "none":
-            raise UserError(f"--quantize {options.quantize} with --engine fsdp: FSDP2 here builds the base on the meta "
-                            "device and loads each rank's shards itself, which bitsandbytes cannot quantise; use "
-                            "--engine single or a ZeRO-1/2 --ds_config (replicated base)")
         model = build_on_meta(path, options)
+        if options.quantize == "4bit":
+            pack_linear_layers(model, options.dtype, self.device)
         # to_empty gives every buffer new, uninitialised storage: keep the values the model computed
         buffers = dict(model.named_buffers(remove_duplicate=False))
         for unit in shard_units(model):
@@ -49,20 +49,24 @@ class FSDPEngine(DataParallelEngine):
         return model
 
     def _load_local_shards(self, model: nn.Module, path: Path, buffers: dict[str, torch.Tensor]) -> None:
-        """Read each checkpoint tensor (one at a time, memory-mapped) and keep this rank's shard of it;
-        a buffer the checkpoint does not hold (non-persistent ones: rotary frequencies, embedding
+        """Read each checkpoint tensor (one at a time, memory-mapped) and keep this rank's shard of it (of
+        its NF4 bytes for a PackedLinear4bit, quantised on this device); a buffer the checkpoint does not hold (non-persistent ones: rotary frequencies, embedding
         scales, ...) gets its value from `buffers`, as the model computed it."""
         index = safetensors_index(path, f"--model {path}: --engine fsdp needs a directory with .safetensors weights")
         tied = model.get_output_embeddings() is not None and \
             model.get_output_embeddings().weight is model.get_input_embeddings().weight
         handles = {file: safe_open(str(file), framework="pt") for file in set(index.values())}
+        packed = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, PackedLinear4bit)}
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name not in index:
                     if tied and param is model.get_input_embeddings().weight:
                         continue
                     raise UserError(f"--model {path}: checkpoint has no tensor '{name}'")
-                full = handles[index[name]].get_tensor(name).to(param.dtype)
+                full = handles[index[name]].get_tensor(name)
+                if name in packed:
+                    full = packed[name].quantize_(full.to(self.device, self.mp_policy.param_dtype))
+                full = full.to(param.dtype)
                 if isinstance(param, DTensor):
                     local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
                     param.to_local().copy_(local.to_local())
