@@ -5,7 +5,8 @@
 TOKENIZER_DIR holds the embedded tokenizer (`load_tokenizer(str(default_model_dir())).save_pretrained(DIR)`
 on a machine with the package's extras; 3.4 MB), since the GGUF of the embedded model is too large to carry.
 The model: hidden 1024, 8 layers, GQA 16/4 (`--small`: hidden 64, 2 layers, 2 steps, for a CPU). Runs bilora
-packed with gradient checkpointing, bilora packed on a 4-bit base, and lora under FSDP2 through torchrun; writes
+packed with gradient checkpointing, bilora packed on a 4-bit base, lora under FSDP2 through torchrun, and the
+4-bit bilora run again under FSDP2 (its NF4 bytes sharded); writes
 each run's log and OUT/e2e.json (exit code, seconds, the last metrics rows). Needs no deepspeed.
 """
 
@@ -24,6 +25,8 @@ RUNS = {
     "bilora_bf16_packing": ["python3", "launch/train.py", "--method", "bilora", "--packing", "--gradient-checkpointing"],
     "bilora_4bit_packing": ["python3", "launch/train.py", "--method", "bilora", "--packing", "--quantize", "4bit"],
     "lora_fsdp_1gpu": ["torchrun", "--nproc_per_node", "1", "launch/train.py", "--method", "lora", "--engine", "fsdp"],
+    "bilora_4bit_fsdp_1gpu": ["torchrun", "--nproc_per_node", "1", "launch/train.py", "--method", "bilora", "--packing",
+                              "--quantize", "4bit", "--engine", "fsdp"],
 }
 
 
