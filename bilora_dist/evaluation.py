@@ -49,7 +49,7 @@ def choice_task(data: Prepared, tokenizer: Any, seq_len: int) -> ChoiceTask | No
     return ChoiceTask(prompts, [i[0] for i in ids], [labels.index(c) for c in completions])
 
 
-def _rank_share(n: int, engine: Engine, batch_size: int) -> list[list[int]]:
+def rank_share(n: int, engine: Engine, batch_size: int) -> list[list[int]]:
     """This rank's eval batches: indices rank::world, padded with -1 so every rank runs the same count
     of forward passes (sharded engines gather weights collectively inside forward)."""
     mine = list(range(engine.rank, n, engine.world_size))
@@ -66,7 +66,7 @@ def evaluate(model: nn.Module, bank: AdapterBank, examples: Sequence[Any], task:
     model.eval()
     totals = torch.zeros(4, device=engine.device)  # loss sum, tokens, correct, scored
     with bank.primary_only():
-        for idx in _rank_share(len(examples), engine, batch_size):
+        for idx in rank_share(len(examples), engine, batch_size):
             batch = collate([examples[max(i, 0)] for i in idx], pad_id)
             batch["labels"][[i < 0 for i in idx]] = IGNORE
             batch = to_device(batch, engine.device)
@@ -75,7 +75,7 @@ def evaluate(model: nn.Module, bank: AdapterBank, examples: Sequence[Any], task:
             totals[1] += tokens
         if task is not None:
             cand = torch.tensor(task.candidate_ids, device=engine.device)
-            for idx in _rank_share(len(task.prompts), engine, batch_size):
+            for idx in rank_share(len(task.prompts), engine, batch_size):
                 batch = to_device(collate([task.prompts[max(i, 0)] for i in idx], pad_id), engine.device)
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                position_ids=batch["position_ids"], logits_to_keep=1, use_cache=False).logits

@@ -1,0 +1,407 @@
+"""Sharpness probe: how far the held-out loss of an adapted model rises under weight perturbations of radius ρ.
+
+    python launch/sharpness.py --adapter DIR --data FILE [--model DIR] [--rho 0.01,0.05,0.1] [--out FILE.json]
+
+For each ρ, relative to the unperturbed adapted model (loss = mean per-token loss on the supervised tokens,
+exactly as the trainer's evaluation computes it):
+
+- random: E_i dense in every adapted layer's weight space, direction Gaussian, sqrt(Σ_i ||E_i||_F²) = ρ; the
+  mean and standard deviation over --draws directions (the same directions, rescaled, at every ρ);
+- adversarial: the same ball, --adv-steps normalised gradient-ascent steps: E = ρ g/||g|| (SAM's step), then
+  E ← P_ρ(E + ρ g/||g||), P_ρ the projection onto the ball; the loss at the final E;
+- lora_adversarial: the change of the primary LoRA factors (dA, dB) whose weight change
+  Σ_i ||s_i (B_i+dB_i)(A_i+dA_i) − s_i B_i A_i||² = ρ², by the same ascent on the factors: d = g/||g||, then
+  d ← d + ||d|| g/||g||, each iterate rescaled onto the radius by bisection on the exact norm (a quartic in the
+  step length, from r×r Gram products), not the first-order one.
+
+E is never added to the base weights: every adapted layer gets a forward hook returning linear(x) + x E_iᵀ,
+computed in fp32 (as the LoRA update is). The base is never written, so it is restored bit for bit by
+construction, on every engine alike (ZeRO-3 and FSDP2 need no gathered weight to perturb), and a bf16 base
+does not round away entries of E far below its resolution. The factors of (c) are put back from a copy of the
+primary branch. Memory: three fp32 tensors the size of the adapted weights (E, the gradient at the adapted
+model, and the gradient buffer), replicated on every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bilora_dist.adapters.bank import AdapterBank, Branch, GradBucket, LayerShape
+from bilora_dist.data import IGNORE, collate, to_device
+from bilora_dist.engines.base import Engine
+from bilora_dist.errors import OneLineParser, UserError
+from bilora_dist.evaluation import rank_share, evaluate
+from bilora_dist.loss import token_loss_sum
+
+DEFAULT_RHOS = "0.01,0.05,0.1"
+
+
+class DenseDelta:
+    """A dense perturbation E_i (out × in, fp32) of every adapted layer, all in one flat tensor `flat`, applied
+    while `attached` as forward hooks: linear(x) + x E_iᵀ. Gradients w.r.t. `flat` flow through the hooks."""
+
+    def __init__(self, shapes: list[LayerShape], device: torch.device):
+        self.shapes = shapes
+        self.sizes = [s.out_features * s.in_features for s in shapes]
+        self.flat = torch.zeros(sum(self.sizes), device=device)
+        self._views: list[Tensor] = []
+
+    def refresh(self) -> None:
+        """Split `flat` into the layers' views once for the coming forward pass (one backward node, not L)."""
+        self._views = [v.view(s.out_features, s.in_features) for v, s in zip(self.flat.split(self.sizes), self.shapes)]
+
+    def _hook(self, i: int):
+        def add_delta(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            return output + (args[0].to(torch.float32) @ self._views[i].T).to(output.dtype)
+        return add_delta
+
+    @contextmanager
+    def attached(self, model: nn.Module) -> Iterator[None]:
+        self.refresh()
+        handles = [model.get_submodule(s.name).register_forward_hook(self._hook(i)) for i, s in enumerate(self.shapes)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._views = []
+
+
+@dataclass
+class Probe:
+    """The adapted model and the examples its loss is measured on."""
+
+    model: nn.Module
+    bank: AdapterBank
+    examples: Any
+    engine: Engine
+    batch_size: int
+    pad_id: int
+
+    def __post_init__(self) -> None:
+        self.delta = DenseDelta(self.bank.shapes, self.engine.device)
+
+    def loss(self) -> float:
+        """The trainer's evaluation loss of the model as it is now (hooks and factors included)."""
+        return evaluate(self.model, self.bank, self.examples, None, self.engine, self.batch_size,
+                        self.pad_id)["eval_loss"]
+
+    def loss_and_grad(self, holder: Any) -> tuple[float, Tensor]:
+        """(mean loss, its gradient w.r.t. `holder.flat`), summed over the ranks; `holder` is the primary branch
+        or the dense delta, whichever the forward pass reads (the other gets no gradient)."""
+        leaves = [self.bank.primary.flat, self.delta.flat]
+        for leaf in leaves:
+            leaf.requires_grad_(leaf is holder.flat)
+        bucket = GradBucket([holder])
+        was_training = self.model.training
+        self.model.eval()
+        for idx in rank_share(len(self.examples), self.engine, self.batch_size):
+            batch = collate([self.examples[max(i, 0)] for i in idx], self.pad_id)
+            batch["labels"][[i < 0 for i in idx]] = IGNORE
+            self.delta.refresh()
+            loss, tokens = token_loss_sum(self.model, to_device(batch, self.engine.device))
+            loss.backward()
+            bucket.add_loss(loss, int(tokens))
+        self.engine.all_reduce_sum_(bucket.flat)
+        self.engine.release()
+        self.model.train(was_training)
+        holder.flat.grad = None
+        for leaf in leaves:
+            leaf.requires_grad_(leaf is self.bank.primary.flat)
+        return bucket.loss_sum / bucket.tokens, bucket.flat[:-2] / bucket.tokens
+
+
+def random_increases(probe: Probe, rhos: list[float], draws: int, seed: int, base: float) -> list[list[float]]:
+    """[draw][rho] loss increase under E = ρ z/||z||, z ~ N(0, I) seeded by (seed, draw), identical on all ranks."""
+    E = probe.delta.flat
+    out = []
+    with probe.delta.attached(probe.model):
+        for draw in range(draws):
+            generator = torch.Generator(device=E.device).manual_seed(seed * 1_000_003 + draw)
+            z = torch.randn(E.shape, generator=generator, device=E.device)
+            z /= z.norm()
+            row = []
+            for rho in rhos:
+                torch.mul(z, rho, out=E)
+                row.append(probe.loss() - base)
+            out.append(row)
+        E.zero_()
+    return out
+
+
+def adversarial_increases(probe: Probe, rhos: list[float], steps: int, base: float) -> tuple[list[float], float]:
+    """(loss increase at the end of the projected ascent in the dense ρ-ball, for each ρ; ||g|| at E = 0)."""
+    E = probe.delta.flat
+    out = []
+    with probe.delta.attached(probe.model):
+        E.zero_()
+        g0 = probe.loss_and_grad(probe.delta)[1]
+        g0_norm = float(g0.norm())
+        for rho in rhos:
+            E.zero_()
+            g = g0
+            for step in range(steps):
+                norm = float(g.norm())
+                if norm == 0:
+                    break
+                E.add_(g, alpha=rho / norm)
+                size = float(E.norm())
+                if size > rho:
+                    E.mul_(rho / size)
+                if step + 1 < steps:
+                    g = probe.loss_and_grad(probe.delta)[1]
+            out.append(probe.loss() - base)
+        E.zero_()
+    return out, g0_norm
+
+
+def _weight_change_coefficients(branch: Branch, d: Tensor) -> tuple[float, float, float]:
+    """(c0, c1, c2) with Σ_i ||s_i (B_i + t dB_i)(A_i + t dA_i) − s_i B_i A_i||² = t² (c0 + c1 t + c2 t²).
+
+    Per layer the change is t s [dB, B] [A + t dA; dA] = t s P (Q0 + t Q1), and ||P Q||² = <PᵀP, Q Qᵀ>: only
+    2r × 2r Gram products, in float64, without the cancellation of subtracting the two m × n products."""
+    step = Branch(branch.shapes, branch.ranks, branch.scales, d)
+    c = torch.zeros(3, dtype=torch.float64, device=d.device)
+    for (A, B), (dA, dB), s in zip(branch.all_factors(), step.all_factors(), branch.scales):
+        A, B, dA, dB = (t.detach().double() for t in (A, B, dA, dB))
+        P = torch.cat([dB, B], dim=1)
+        Q0, Q1 = torch.cat([A, dA]), torch.cat([dA, torch.zeros_like(dA)])
+        gram = P.T @ P
+        c += s * s * torch.stack([(gram * (Q0 @ Q0.T)).sum(), 2 * (gram * (Q0 @ Q1.T)).sum(),
+                                  (gram * (Q1 @ Q1.T)).sum()])
+    c0, c1, c2 = c.tolist()
+    return c0, c1, c2
+
+
+def scale_to_radius(branch: Branch, d: Tensor, rho: float) -> float:
+    """The step length t > 0 at which the factor step t·d changes the weights by exactly ρ (Frobenius, all
+    layers), by bisection on the exact quartic (the first root found by doubling from the first-order t)."""
+    c0, c1, c2 = _weight_change_coefficients(branch, d)
+
+    def size(t: float) -> float:
+        return t * math.sqrt(max(c0 + c1 * t + c2 * t * t, 0.0))
+
+    lo, hi = 0.0, rho / math.sqrt(c0) if c0 > 0 else 1.0
+    for _ in range(200):
+        if size(hi) >= rho:
+            break
+        lo, hi = hi, 2 * hi
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if size(mid) < rho else (lo, mid)
+    return (lo + hi) / 2
+
+
+def lora_adversarial_increases(probe: Probe, rhos: list[float], steps: int, base: float) -> tuple[list[float], float]:
+    """(loss increase at the end of the normalised ascent on the primary factors, each iterate rescaled to a
+    weight change of norm ρ, for each ρ; the factors' gradient norm at the adapted model). The factors are put
+    back bit for bit from a copy of the branch."""
+    branch = probe.bank.primary
+    original = branch.flat.detach().clone()
+    g0 = probe.loss_and_grad(branch)[1]
+    g0_norm = float(g0.norm())
+    out = []
+    try:
+        for rho in rhos:
+            d, g = torch.zeros_like(original), g0
+            for step in range(steps):
+                norm = float(g.norm())
+                if norm == 0:
+                    break
+                d = g / norm if step == 0 else d + float(d.norm()) * g / norm
+                with torch.no_grad():
+                    d *= scale_to_radius(branch, d, rho)
+                    branch.flat.copy_(original + d)
+                if step + 1 < steps:
+                    g = probe.loss_and_grad(branch)[1]
+            with torch.no_grad():
+                branch.flat.copy_(original + d)
+            out.append(probe.loss() - base)
+    finally:
+        with torch.no_grad():
+            branch.flat.copy_(original)
+    return out, g0_norm
+
+
+def probe_sharpness(probe: Probe, rhos: list[float], draws: int = 5, adv_steps: int = 5,
+                    seed: int = 0) -> dict[str, Any]:
+    """Base loss, gradient norms and, for each ρ, the random, adversarial and LoRA-subspace loss increases."""
+    base = probe.loss()
+    random = random_increases(probe, rhos, draws, seed, base)
+    adversarial, grad_norm = adversarial_increases(probe, rhos, adv_steps, base)
+    lora, lora_grad_norm = lora_adversarial_increases(probe, rhos, adv_steps, base)
+    rows = []
+    for j, rho in enumerate(rhos):
+        column = torch.tensor([row[j] for row in random], dtype=torch.float64)
+        rows.append({"rho": rho, "random_mean": float(column.mean()),
+                     "random_std": float(column.std()) if draws > 1 else 0.0,
+                     "adversarial": adversarial[j], "lora_adversarial": lora[j], "first_order": rho * grad_norm})
+    return {"base_loss": base, "grad_norm": grad_norm, "lora_grad_norm": lora_grad_norm,
+            "adapted_layers": len(probe.bank.shapes), "adapted_weights": probe.delta.flat.numel(),
+            "draws": draws, "adv_steps": adv_steps, "seed": seed, "results": rows}
+
+
+def plot_sharpness(report: dict[str, Any], path: Path) -> bool:
+    """Loss increase vs ρ, three curves (random mean ± std, adversarial, LoRA-subspace adversarial) as a PNG;
+    False where matplotlib is not installed (it is not a dependency of the package)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rows = report["results"]
+    rho = [r["rho"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.errorbar(rho, [r["random_mean"] for r in rows], yerr=[r["random_std"] for r in rows], marker="o",
+                capsize=3, label=f"random (mean ± std, {report['draws']} draws)")
+    ax.plot(rho, [r["adversarial"] for r in rows], marker="s", label="adversarial, full weight space")
+    ax.plot(rho, [r["lora_adversarial"] for r in rows], marker="^", label="adversarial, LoRA factors")
+    ax.set_xlabel("ρ (Frobenius radius of the weight change)")
+    ax.set_ylabel("loss increase")
+    ax.set_title(f"sharpness (base loss {report['base_loss']:.4f})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="launch/sharpness.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--adapter", type=Path, required=True, help="PEFT LoRA adapter directory (as training writes it)")
+    p.add_argument("--data", required=True, help="data to measure the loss on (any --data form of launch/train.py)")
+    p.add_argument("--model", default=None, help="base model directory or cached hub id (default: the adapter's)")
+    p.add_argument("--rho", default=DEFAULT_RHOS, help="comma-separated radii, each > 0")
+    p.add_argument("--draws", type=int, default=5, help="random directions per radius")
+    p.add_argument("--adv-steps", type=int, default=5, help="gradient-ascent steps of the adversarial searches")
+    p.add_argument("--out", type=Path, default=Path("sharpness.json"), help="JSON report (the plot: same name, .png)")
+    p.add_argument("--max-examples", type=int, default=0, help="use the first N examples only (0: all)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass per rank")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    for flag, default, extra in (("--seq-len", 256, {"type": int}), ("--data-format", "auto", {}),
+                                 ("--data-cache", "", {}), ("--engine", "auto", {}), ("--ds_config", "", {}),
+                                 ("--bf16", "auto", {}), ("--attn-implementation", "auto", {}),
+                                 ("--loss-chunk", 1024, {"type": int})):
+        p.add_argument(flag, default=default, help=f"as in launch/train.py (default {default or 'none'})", **extra)
+    p.add_argument("--train-on-prompt", action="store_true", help="as in launch/train.py")
+    p.add_argument("--last-turn-only", action="store_true", help="as in launch/train.py")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by launchers
+    return p
+
+
+def parse_rhos(text: str) -> list[float]:
+    try:
+        rhos = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--rho '{text}': expected comma-separated numbers such as {DEFAULT_RHOS}") from None
+    if not rhos or not all(0 < r < math.inf for r in rhos):
+        raise UserError(f"--rho '{text}': every radius must be a finite number > 0")
+    return rhos
+
+
+def _check_args(args: argparse.Namespace) -> list[float]:
+    rhos = parse_rhos(args.rho)
+    for flag, value, least in (("--draws", args.draws, 1), ("--adv-steps", args.adv_steps, 1),
+                               ("--batch-size", args.batch_size, 1), ("--max-examples", args.max_examples, 0)):
+        if value < least:
+            raise UserError(f"{flag} must be >= {least}, got {value}")
+    if not args.adapter.is_dir():
+        raise UserError(f"--adapter {args.adapter}: no such directory")
+    return rhos
+
+
+def _load(args: argparse.Namespace, base_model: str, loaded: Branch):
+    """(engine, model directory, base model with the adapter hooked in and wrapped, its bank, data), through the
+    trainer's stages: the bank built over the adapter's layers gets the adapter's factors before wrapping."""
+    from bilora_dist.config import TrainConfig, validate
+    from bilora_dist.engines import make_engine
+    from bilora_dist.trainer import attach_and_wrap, build_model_and_adapters, prepare_data, resolve_model_once
+
+    cfg = TrainConfig(model=base_model, data=args.data, eval_data=args.data, data_format=args.data_format,
+                      train_on_prompt=args.train_on_prompt, last_turn_only=args.last_turn_only,
+                      data_cache=args.data_cache, method="lora", rank=1, seq_len=args.seq_len,
+                      target_modules="|".join(re.escape(s.name) for s in loaded.shapes), engine=args.engine,
+                      ds_config=args.ds_config, bf16=args.bf16, attn_implementation=args.attn_implementation,
+                      loss_chunk=args.loss_chunk, eval_batch_size=args.batch_size, output_dir="")
+    validate(cfg)
+    cfg = cfg.resolved()
+    engine = make_engine(cfg)
+    model_path = resolve_model_once(cfg, engine)
+    data = prepare_data(cfg, engine, model_path)
+    model, bank, _ = build_model_and_adapters(cfg, engine, model_path)
+    bank.replace_branch("primary", _adapter_branch(loaded, bank, args.adapter, base_model).to(engine.device))
+    return engine, model_path, attach_and_wrap(cfg, engine, model, bank), bank, data
+
+
+def _adapter_branch(loaded: Branch, bank: AdapterBank, adapter: Path, model: str) -> Branch:
+    """The adapter's factors in the bank's layer order, each layer checked against the model's."""
+    by_name = {s.name: i for i, s in enumerate(loaded.shapes)}
+    found = {s.name for s in bank.shapes}
+    missing = next((n for n in by_name if n not in found), None)
+    if missing:
+        raise UserError(f"--adapter {adapter}: layer {missing} is not an adaptable linear layer of {model}")
+    for shape in bank.shapes:
+        other = loaded.shapes[by_name[shape.name]]
+        if other != shape:
+            raise UserError(f"--adapter {adapter}: layer {shape.name} is {other.out_features}x{other.in_features}, "
+                            f"the model's is {shape.out_features}x{shape.in_features}")
+    order = [by_name[s.name] for s in bank.shapes]
+    return Branch.from_factors(bank.shapes, [tuple(t.detach() for t in loaded.factors(i)) for i in order],
+                               [loaded.scales[i] for i in order])
+
+
+def sharpness_main(argv: list[str]) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from bilora_dist.loop import say
+    from bilora_dist.squeeze.peft_io import read_peft_adapter
+
+    args = _parser().parse_args(argv)
+    rhos = _check_args(args)
+    loaded, config = read_peft_adapter(args.adapter)
+    base_model = args.model or config.get("base_model_name_or_path") or ""
+    if not base_model:
+        raise UserError(f"--adapter {args.adapter} names no base model: pass --model")
+    hf_logging.disable_progress_bar()
+    engine, model_path, model, bank, data = _load(args, base_model, loaded)
+    examples = data.eval_set
+    if args.max_examples and args.max_examples < len(examples):
+        examples = examples.select(range(args.max_examples))
+    probe = Probe(model, bank, examples, engine, args.batch_size, data.pad_id)
+    say(engine, f"sharpness of {args.adapter} on {model_path}: {len(bank.shapes)} layers, "
+                f"{probe.delta.flat.numel():,} adapted weights, {len(examples)} examples, rho {rhos}")
+    report = {"adapter": str(args.adapter), "model": base_model, "data": args.data, "examples": len(examples),
+              "engine": engine.name, "world_size": engine.world_size,
+              **probe_sharpness(probe, rhos, args.draws, args.adv_steps, args.seed)}
+    if engine.is_main:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        for row in report["results"]:
+            print(f"rho {row['rho']:g}: random {row['random_mean']:+.5f} ± {row['random_std']:.5f}, adversarial "
+                  f"{row['adversarial']:+.5f}, LoRA-subspace adversarial {row['lora_adversarial']:+.5f}")
+        plot = args.out.with_suffix(".png")
+        plotted = plot_sharpness(report, plot)
+        print(f"report written to {args.out}" + (f", plot to {plot}" if plotted else
+                                                  "; plot skipped (matplotlib is not installed)"))
+    engine.close()
+
+
+if __name__ == "__main__":
+    from bilora_dist.cli import run_cli
+
+    sys.exit(run_cli(sharpness_main))
