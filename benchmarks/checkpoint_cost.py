@@ -32,7 +32,7 @@ from bilora_dist.embedded import default_model_dir
 from bilora_dist.engines.base import Engine
 from bilora_dist.export import save_peft_adapter
 from bilora_dist.merge import DTYPE_BYTES
-from bilora_dist.modeling import build_on_meta
+from bilora_dist.modeling import LoadOptions, build_on_meta
 
 HERE = Path(__file__).resolve().parent
 LLAMA_1B = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -54,7 +54,7 @@ sys.exit(code)
 
 
 def checkpoint_row(label: str, model_dir: Path, rank: int, work: Path) -> dict:
-    meta = build_on_meta(str(model_dir), torch.float32)
+    meta = build_on_meta(str(model_dir), LoadOptions(torch.float32))
     bank = build_bank(layer_shapes(meta, select_targets(meta, "all-linear")), rank, 2.0 * rank, rank, 1.0, 0)
     optimizer = torch.optim.AdamW([bank.primary.flat, bank.aux.flat])
     for p in (bank.primary.flat, bank.aux.flat):
@@ -80,7 +80,7 @@ def random_llama(path: Path, config: LlamaConfig, shard_bytes: int = 2 << 30) ->
     """A Llama-shaped model directory with random bf16 weights, written shard by shard."""
     path.mkdir(parents=True)
     config.save_pretrained(path)
-    meta = build_on_meta(str(path), torch.bfloat16)
+    meta = build_on_meta(str(path), LoadOptions(torch.bfloat16))
     gen = torch.Generator().manual_seed(0)
     shard: dict[str, torch.Tensor] = {}
     count = 0
@@ -96,7 +96,7 @@ def random_llama(path: Path, config: LlamaConfig, shard_bytes: int = 2 << 30) ->
 
 
 def merge_row(label: str, model_dir: Path, work: Path, shard: str) -> dict:
-    meta = build_on_meta(str(model_dir), torch.float32)
+    meta = build_on_meta(str(model_dir), LoadOptions(torch.float32))
     bank = build_bank(layer_shapes(meta, select_targets(meta, "all-linear")), 16, 32.0, None, 1.0, 0)
     with torch.no_grad():
         bank.primary.flat.normal_(0, 0.01)

@@ -86,9 +86,9 @@ def saved_activations(args: argparse.Namespace) -> dict[str, float]:
 
     from bilora_dist.adapters import bank as bank_module
     from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
-    from bilora_dist.modeling import load_frozen_model, resolve_model
+    from bilora_dist.modeling import LoadOptions, load_frozen_model, resolve_model
 
-    model = load_frozen_model(resolve_model(args.model), torch.bfloat16)
+    model = load_frozen_model(resolve_model(args.model), LoadOptions(torch.bfloat16))
     inject(model, build_bank(layer_shapes(model, select_targets(model, "all-linear")), 8, 16.0, 8, 1.0, seed=0))
     ids = torch.randint(0, model.config.vocab_size, (8, 256), generator=torch.Generator().manual_seed(0))
 

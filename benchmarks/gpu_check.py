@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bilora_dist.adapters import AdapterBank, build_bank, inject, layer_shapes, select_targets  # noqa: E402
 from bilora_dist.data.batching import IGNORE, Example, collate, collate_packed, to_device  # noqa: E402
 from bilora_dist.engines.base import Engine  # noqa: E402
+from bilora_dist.export import copy_into_peft  # noqa: E402
 from bilora_dist.loss import attach_head_loss, token_loss_sum  # noqa: E402
 from bilora_dist.methods import METHOD_STEPS, build_optimizer  # noqa: E402
 from bilora_dist.modeling import LoadOptions, resolve_attn_implementation  # noqa: E402
@@ -196,15 +197,9 @@ def check_peft_parity(model: nn.Module, batch: dict, device: torch.device) -> Ch
     """Our injected primary adapter's logits against PEFT LoRA holding the same A and B."""
     ours = copy.deepcopy(model).to(device)
     bank = random_bank(ours, TINY.rank, None).to(device)
-    names = select_targets(ours, "all-linear")
     theirs = get_peft_model(copy.deepcopy(ours), LoraConfig(r=TINY.rank, lora_alpha=2 * TINY.rank,
                                                              target_modules="all-linear", lora_dropout=0.0))
-    with torch.no_grad():
-        for i, name in enumerate(names):
-            A, B = bank.primary.factors(i)
-            layer = theirs.base_model.model.get_submodule(name)
-            layer.lora_A["default"].weight.copy_(A)
-            layer.lora_B["default"].weight.copy_(B)
+    copy_into_peft(theirs, bank.primary)
     inject(ours, bank)
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")}
     with torch.no_grad():

@@ -86,6 +86,8 @@ class TrainConfig:
     dry_run: bool = _opt(False, "print the per-rank memory plan and exit without allocating the model")
     plan_ranks: int = _opt(0, "ranks the --dry-run plan is for (0: the launched world size)")
     eval_every: int = _opt(0, "evaluate every N steps (0: only before and after training)")
+    eval_on_start: str = _opt("true", "evaluate before the first step (false: only every --eval-every steps and at "
+                                      "the end)", choices=("true", "false"), bare="true")
     eval_batch_size: int = _opt(16, "sequences per evaluation batch per rank")
     log_every: int = _opt(1, "write a metrics row every N steps")
     output_dir: str = _opt("outputs/run", "where config, metrics, checkpoints and the adapter go")

@@ -25,6 +25,18 @@ def peft_state_dict(branch: Branch) -> dict[str, Any]:
     return out
 
 
+def copy_into_peft(peft_model: Any, branch: Branch, adapter: str = "default") -> None:
+    """Sets a PEFT LoRA model's A and B of every layer of `branch` to the branch's factors (in place)."""
+    import torch
+
+    with torch.no_grad():
+        for i, shape in enumerate(branch.shapes):
+            A, B = branch.factors(i)
+            layer = peft_model.base_model.model.get_submodule(shape.name)
+            layer.lora_A[adapter].weight.copy_(A)
+            layer.lora_B[adapter].weight.copy_(B)
+
+
 def peft_config(branch: Branch, target_modules: list[str], base_model: str) -> dict[str, Any]:
     """adapter_config.json; per-layer ranks other than the most common one go to rank_pattern/alpha_pattern."""
     ranks = branch.ranks

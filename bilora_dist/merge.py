@@ -110,7 +110,7 @@ def merge_into_base(model_dir: Path, branch: Branch, out_dir: Path, shard_bytes:
     to `out_dir`, which appears complete or not at all. Returns counts for the report."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     index = safetensors_index(model_dir, f"--merged: {model_dir} holds no .safetensors weights to merge into")
-    meta = build_on_meta(str(model_dir), torch.float32)
+    meta = build_on_meta(str(model_dir))
     names = {module: name for name, module in meta.named_modules()}
     embed_key = names[meta.get_input_embeddings()] + ".weight"
     head = meta.get_output_embeddings()

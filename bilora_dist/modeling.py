@@ -91,11 +91,6 @@ class LoadOptions:
                             "(pip install 'bilora_dist[quant]')")
         return cls(cfg.dtype, cfg.quantize, resolve_attn_implementation(cfg.attn_implementation, cfg.dtype))
 
-    @classmethod
-    def coerce(cls, options: "LoadOptions | torch.dtype") -> "LoadOptions":
-        """`options` itself, or the default options with a bare dtype."""
-        return options if isinstance(options, LoadOptions) else cls(options)
-
     def quantization_config(self) -> Any:
         """transformers' BitsAndBytesConfig for `quantize` (None without quantisation). The packed 4-bit
         weights are stored in the base dtype, so a sharding engine can treat them as ordinary parameters."""
@@ -131,10 +126,9 @@ def resolve_attn_implementation(name: str, dtype: torch.dtype) -> str | None:
     return name
 
 
-def build_on_meta(path: str, options: LoadOptions | torch.dtype = torch.float32) -> nn.Module:
+def build_on_meta(path: str, options: LoadOptions = LoadOptions()) -> nn.Module:
     """The model's architecture with its parameters on the meta device (no storage) and its buffers real,
     computed as the model computes them (rotary frequencies, embedding scales), on the CPU."""
-    options = LoadOptions.coerce(options)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(load_config(path), dtype=options.dtype,
                                                  attn_implementation=options.attn_implementation)
@@ -143,11 +137,10 @@ def build_on_meta(path: str, options: LoadOptions | torch.dtype = torch.float32)
     return model
 
 
-def load_frozen_model(path: str, options: LoadOptions | torch.dtype = torch.float32,
+def load_frozen_model(path: str, options: LoadOptions = LoadOptions(),
                       device: torch.device | None = None) -> nn.Module:
     """The base causal LM with every parameter frozen, loaded onto `device` (None: where transformers
     puts it, the CPU or ZeRO-3's partitions). A 4-bit base is quantised as it is loaded."""
-    options = LoadOptions.coerce(options)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=options.dtype, attn_implementation=options.attn_implementation,
         quantization_config=options.quantization_config(),

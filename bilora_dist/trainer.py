@@ -46,7 +46,7 @@ def dry_run(cfg: TrainConfig) -> str:
     name = resolve_engine_name(cfg.engine, cfg.ds_config, world)
     if name == "single" and world > 1:
         raise UserError(f"--engine single runs one process; a plan for {world} ranks needs deepspeed or fsdp")
-    model = build_on_meta(resolve_model(cfg.model), cfg.dtype)
+    model = build_on_meta(resolve_model(cfg.model), LoadOptions(cfg.dtype))
     zero = resolve(read_ds_config(cfg.ds_config) if cfg.ds_config else DEFAULT_ZERO3, cfg.bf16 == "true",
                    hidden_size_of(model.config))["zero_optimization"]
     kind = {"single": "single", "fsdp": "fsdp"}.get(name, "zero3" if zero["stage"] == 3 else "replicated")
@@ -126,7 +126,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
     model = attach_and_wrap(cfg, engine, model, bank)
     loop = TrainingLoop(cfg, engine, model, bank, data, budget, squeeze, out, checkpoint, run_identity(cfg))
     announce(cfg, loop, model_path, len(names))
-    before = None if checkpoint else loop.evaluate(0)
+    before = None if checkpoint or cfg.eval_on_start == "false" else loop.evaluate(0)
     if before:
         say(engine, f"before training: {before}")
     stopped_at = loop.run(stop)

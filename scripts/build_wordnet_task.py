@@ -24,7 +24,6 @@ LABELS = [
 FIRST_LEX_FILENUM = 3
 # Example sentences follow `; "` (a few glosses use `: "` or `, "`; keep `(e.g., "...")`).
 EXAMPLE_START = re.compile(r'(?<!e\.g\.)[;:,]\s*"')
-COPYRIGHT = Path("/usr/share/doc/wordnet-base/copyright")
 
 
 def read_glosses(data_noun: Path) -> dict[str, list[str]]:
@@ -45,9 +44,9 @@ def read_glosses(data_noun: Path) -> dict[str, list[str]]:
     return by_label
 
 
-def licence_text() -> str:
+def licence_text(copyright_file: Path) -> str:
     """The WordNet3.0 licence paragraph of the Debian copyright file, de-indented."""
-    lines = COPYRIGHT.read_text(encoding="utf-8").splitlines()
+    lines = copyright_file.read_text(encoding="utf-8").splitlines()
     start = lines.index("License: WordNet3.0") + 1
     body: list[str] = []
     for line in lines[start:]:
@@ -68,17 +67,26 @@ def write_jsonl(path: Path, rows: list[tuple[str, str]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--wordnet-dir", type=Path, default=Path("/usr/share/wordnet"))
+    parser.add_argument("--wordnet-dir", type=Path, default=Path("/usr/share/wordnet"),
+                        help="data files of the wordnet-base Debian package (its copyright file is read from "
+                             "../doc/wordnet-base/)")
     parser.add_argument("--out-dir", type=Path, default=Path("bilora_dist/assets/wordnet_supersense"))
     parser.add_argument("--train-per-class", type=int, default=30)
     parser.add_argument("--eval-per-class", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-small", action="store_true",
+                        help="leave out a class with fewer glosses than train + eval per class (else eval is filled first)")
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
     train: list[tuple[str, str]] = []
     evals: list[tuple[str, str]] = []
+    labels = []
     for label, glosses in read_glosses(args.wordnet_dir / "data.noun").items():
+        if args.skip_small and len(glosses) < args.eval_per_class + args.train_per_class:
+            print(f"{label}: only {len(glosses)} glosses, left out", file=sys.stderr)
+            continue
+        labels.append(label)
         if len(glosses) < args.eval_per_class + args.train_per_class:
             print(f"warning: {label}: only {len(glosses)} glosses; eval filled first, "
                   f"train gets {len(glosses) - args.eval_per_class}", file=sys.stderr)
@@ -91,8 +99,8 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.out_dir / "train.jsonl", train)
     write_jsonl(args.out_dir / "eval.jsonl", evals)
-    (args.out_dir / "labels.json").write_text(json.dumps(LABELS) + "\n", encoding="utf-8")
-    (args.out_dir / "LICENSE").write_text(licence_text(), encoding="utf-8")
+    (args.out_dir / "labels.json").write_text(json.dumps(labels) + "\n", encoding="utf-8")
+    (args.out_dir / "LICENSE").write_text(licence_text(args.wordnet_dir.parent / "doc" / "wordnet-base" / "copyright"), encoding="utf-8")
     print(f"wrote {len(train)} train / {len(evals)} eval examples to {args.out_dir}")
 
 

@@ -211,3 +211,14 @@ def test_freed_cpu_buffers_go_back_to_the_system():
     default, fixed = (float(run_ok([sys.executable, "-c", FREE_AND_MEASURE, mode]).stdout)
                       for mode in ("default", "set"))
     assert default >= 8 and fixed < 4, (default, fixed)
+
+
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_eval_on_start_decides_the_evaluation_before_training(base_args, tmp_path, value):
+    from bilora_dist.trainer import train
+
+    result = train(parse_config(_with(base_args, eval_on_start=value, max_steps="2")))
+    evals = [r["step"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())
+             if "eval_loss" in r]
+    assert evals == ([0, 2] if value == "true" else [2])
+    assert (result["before"] is None) == (value == "false") and result["after"]["eval_loss"] > 0

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests_support import (ROOT, assert_same_run, assert_trained_close, free_port, launcher,
-                           lora_products, read_metrics, relative_error, run_env, run_ok, step_rows, two_ranks)
+                           read_metrics, relative_error, run_env, run_ok, step_rows, two_ranks)
 
 STEPS = 6
 

@@ -205,7 +205,7 @@ def test_merge_of_the_default_model_streams(tmp_path):
     model_dir = default_model_dir()
     from bilora_dist.modeling import build_on_meta
 
-    meta = build_on_meta(str(model_dir), torch.float32)
+    meta = build_on_meta(str(model_dir))
     names = select_targets(meta, "all-linear")
     bank = build_bank(layer_shapes(meta, names), 8, 16.0, None, 1.0, 0)
     with torch.no_grad():

@@ -13,7 +13,7 @@ from bilora_dist.adapters import build_bank, inject, layer_shapes, select_target
 from bilora_dist.data import IGNORE, collate, tokenize
 from bilora_dist.engines.base import Engine
 from bilora_dist.methods import METHOD_STEPS, build_optimizer
-from bilora_dist.modeling import load_frozen_model
+from bilora_dist.modeling import LoadOptions, load_frozen_model
 
 LR, WD, CLIP, S2 = 1e-2, 0.1, 0.05, 1.0
 # Adam's g/(|g| + eps) has slope 1/(4 eps) at |g| = eps: with eps = 1e-8, gradients of order 1e-9 turn
@@ -43,7 +43,7 @@ def float64():
 
 
 def _setup(model_dir, method, aux_rank=4):
-    model = load_frozen_model(str(model_dir), torch.get_default_dtype())
+    model = load_frozen_model(str(model_dir), LoadOptions(torch.get_default_dtype()))
     shapes = layer_shapes(model, select_targets(model, "all-linear"))
     bank = build_bank(shapes, 4, 8.0, aux_rank if method == "bilora" else None, S2, seed=0)
     with torch.no_grad():  # a generic state: every factor non-zero

@@ -15,7 +15,7 @@ from bilora_dist.config import parse_config
 from bilora_dist.data import BatchPlan, collate, prepare_examples, tokenize
 from bilora_dist.data.tokenize import TokenizeOptions
 from bilora_dist.engines.base import Engine
-from bilora_dist.export import save_peft_adapter
+from bilora_dist.export import copy_into_peft, save_peft_adapter
 from bilora_dist.methods import METHOD_STEPS, build_optimizer
 from bilora_dist.modeling import load_frozen_model
 from bilora_dist.trainer import train
@@ -39,12 +39,7 @@ def test_lora_matches_peft_loss_for_loss(tmp_path, tiny_model_dir, tokenizer, sm
     names = select_targets(base, "all-linear")
     bank = build_bank(layer_shapes(base, names), 8, 16.0, None, 1.0, seed=0)
     peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
-    with torch.no_grad():
-        for i, name in enumerate(names):
-            A, B = bank.primary.factors(i)
-            layer = peft_model.base_model.model.get_submodule(name)
-            layer.lora_A["default"].weight.copy_(A)
-            layer.lora_B["default"].weight.copy_(B)
+    copy_into_peft(peft_model, bank.primary)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     assert sum(p.numel() for p in params) == bank.primary.flat.numel()
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)

@@ -16,7 +16,7 @@ from bilora_dist.config import parse_config
 from bilora_dist.data import collate, tokenize
 from bilora_dist.engines.base import Engine
 from bilora_dist.methods import METHOD_STEPS, build_optimizer
-from bilora_dist.modeling import load_frozen_model
+from bilora_dist.modeling import LoadOptions, load_frozen_model
 
 
 def test_low_rank_product_gradients_match_finite_differences():
@@ -64,7 +64,7 @@ def test_bf16_adapters_save_no_fp32_copy_of_their_inputs(tiny_model_dir, tokeniz
     """In a bf16 model the adapters save no fp32 tensor of their input's shape (autograd through an fp32 cast of
     each input saves one per adapted layer: q, k and v each their own copy of the same hidden states)."""
     batch = collate([tokenize(r, tokenizer, 64) for r in train_records[:4]], tokenizer.pad_token_id)
-    model = load_frozen_model(str(tiny_model_dir), torch.bfloat16)
+    model = load_frozen_model(str(tiny_model_dir), LoadOptions(torch.bfloat16))
     shapes = layer_shapes(model, select_targets(model, "all-linear"))
     bank = build_bank(shapes, 8, 16.0, 8, 1.0, seed=0)
     inject(model, bank)
@@ -82,7 +82,7 @@ def test_bf16_adapters_save_no_fp32_copy_of_their_inputs(tiny_model_dir, tokeniz
 
 
 def test_bf16_keeps_every_adapter_tensor_fp32(tiny_model_dir, tokenizer, train_records):
-    model = load_frozen_model(str(tiny_model_dir), torch.bfloat16)
+    model = load_frozen_model(str(tiny_model_dir), LoadOptions(torch.bfloat16))
     bank = build_bank(layer_shapes(model, select_targets(model, "all-linear")), 4, 8.0, 4, 1.0, seed=0)
     inject(model, bank)
     optimizer = build_optimizer(bank, 1e-2, 0.0)

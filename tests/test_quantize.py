@@ -52,7 +52,7 @@ def _random_bank(model: torch.nn.Module):
 
 def test_4bit_base_is_nf4_double_quantised_and_the_adapters_hook_it(q4_model_dir):
     q4 = load_frozen_model(str(q4_model_dir), Q4, CPU)
-    reference = load_frozen_model(str(q4_model_dir), torch.float32)
+    reference = load_frozen_model(str(q4_model_dir), LoadOptions(torch.float32))
     names = select_targets(q4, "all-linear")
     assert names == select_targets(reference, "all-linear") and len(names) == 14
     assert layer_shapes(q4, names) == layer_shapes(reference, names)  # in/out features, not the packed shape
@@ -63,7 +63,7 @@ def test_4bit_base_is_nf4_double_quantised_and_the_adapters_hook_it(q4_model_dir
         assert state.quant_type == "nf4" and state.nested and layer.weight.dtype == torch.float32
     assert type(q4.get_output_embeddings()) is torch.nn.Linear
     assert type(q4.get_input_embeddings()) is torch.nn.Embedding
-    original = load_frozen_model(str(q4_model_dir), torch.float32)
+    original = load_frozen_model(str(q4_model_dir), LoadOptions(torch.float32))
     with torch.no_grad():  # the reference holds the dequantised NF4 weights in plain nn.Linear layers
         for name in names:
             weight = q4.get_submodule(name).weight
@@ -135,7 +135,7 @@ def test_packed_4bit_layer_computes_what_bitsandbytes_linear4bit_does(q4_model_d
     """The FSDP2 engine's PackedLinear4bit against transformers' own 4-bit layer on the same weight: the same
     bytes, quantisation state, output and input gradient, bit for bit."""
     q4 = load_frozen_model(str(q4_model_dir), Q4, CPU)
-    original = load_frozen_model(str(q4_model_dir), torch.float32)
+    original = load_frozen_model(str(q4_model_dir), LoadOptions(torch.float32))
     for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"):
         reference, linear = q4.get_submodule(name), original.get_submodule(name)
         packed = PackedLinear4bit(linear, torch.float32)

@@ -93,7 +93,7 @@ def test_the_import_graph_is_acyclic():
 
 
 def _setup(model_dir, method: str):
-    model = load_frozen_model(str(model_dir), torch.float32)
+    model = load_frozen_model(str(model_dir))
     bank = build_bank(layer_shapes(model, select_targets(model, "all-linear")), 4, 8.0,
                       4 if method == "bilora" else None, 1.0, seed=0)
     with torch.no_grad():  # every factor non-zero
