@@ -12,18 +12,21 @@ steps (`--epochs` passes over the k x 24 examples, micro-batch 8) with the same 
 `launch/sharpness.py` on its adapter over the first `--sharpness-examples` held-out examples.
 
 Runs are kept under `--work` (one directory each, reused when its results exist), so the study can be run in
-parts (`--sizes`, `--seeds`, `--configs`) and resumed. Results: `--out` (every run, and the mean and standard
-error per size and configuration) and a markdown table on stdout; `--plot` draws accuracy against data size.
+parts (`--sizes`, `--seeds`, `--configs`) and resumed; `--jobs 2` runs two at a time, one CPU thread each.
+Results: `--out` (every run, and the mean and standard error per size and configuration) and a markdown table
+on stdout; `--plot` draws accuracy against data size.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,10 +69,12 @@ def run_one(size: int, config: str, seed: int, args: argparse.Namespace) -> dict
     records = sum(1 for _ in train.open())
     steps = max(1, round(args.epochs * records / MICRO_BATCH))
     started = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None  # one core per run
     subprocess.run([sys.executable, "launch/train.py", *CONFIGS[config], "--data", str(train), "--eval-data",
                     str(DATA / "eval.jsonl"), "--max-steps", str(steps), "--micro-batch-size", str(MICRO_BATCH),
                     "--seed", str(seed), "--eval-on-start", "false", "--output-dir", str(out), "--data-cache",
-                    "none", "--replica-check-every", "0", *(["--model", args.model] if args.model else [])], cwd=ROOT, check=True, capture_output=True, text=True)
+                    "none", "--replica-check-every", "0", *(["--model", args.model] if args.model else [])], cwd=ROOT, check=True, capture_output=True,
+                   text=True, env=env)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in rows if "accuracy" in r][-1]
     train_s = time.perf_counter() - started
@@ -77,7 +82,7 @@ def run_one(size: int, config: str, seed: int, args: argparse.Namespace) -> dict
                     str(DATA / "eval.jsonl"), "--max-examples", str(args.sharpness_examples), "--rho",
                     SHARPNESS_RHOS, "--draws", "3", "--adv-steps", "3", "--seed", str(seed), "--out",
                     str(out / "sharpness.json"), "--data-cache", "none"],
-                   cwd=ROOT, check=True, capture_output=True, text=True)
+                   cwd=ROOT, check=True, capture_output=True, text=True, env=env)
     sharp = json.loads((out / "sharpness.json").read_text())
     result = {"size": size, "config": config, "seed": seed, "steps": steps, "accuracy": final["accuracy"],
               "eval_loss": final["eval_loss"], "train_s": train_s, "probe_s": time.perf_counter() - started - train_s,
@@ -153,18 +158,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "generalization_runs")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "generalization.json")
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each on one CPU thread when > 1)")
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",")]
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         parser.error(f"unknown config {unknown[0]!r}; one of: {', '.join(CONFIGS)}")
     plan = [(int(k), c, int(s)) for k in args.sizes.split(",") for c in configs for s in args.seeds.split(",")]
-    runs = []
-    for i, (size, config, seed) in enumerate(plan, 1):
+    for size in {p[0] for p in plan}:
+        subset(size, args.work)  # written once, before runs share it
+
+    def one(i: int) -> dict:
+        size, config, seed = plan[i]
         r = run_one(size, config, seed, args)
-        runs.append(r)
-        print(f"[{i}/{len(plan)}] {size}/class, {config}, seed {seed}: accuracy {100 * r['accuracy']:.1f} %, "
+        print(f"[{i + 1}/{len(plan)}] {size}/class, {config}, seed {seed}: accuracy {100 * r['accuracy']:.1f} %, "
               f"loss {r['eval_loss']:.3f}, {r['train_s']:.0f} s + probe {r['probe_s']:.0f} s", flush=True)
+        return r
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = list(pool.map(one, range(len(plan))))
     rows = summarise(runs)
     args.out.write_text(json.dumps({"runs": runs, "summary": rows}, indent=1) + "\n")
     print(table(rows))

@@ -22,7 +22,7 @@ def test_subsets_take_the_first_k_of_every_class(tmp_path):
 
 def test_study_runs_resumes_and_summarises(tiny_model_dir, tmp_path, capsys):
     argv = ["--model", str(tiny_model_dir), "--sizes", "1", "--seeds", "0,1", "--configs", "bilora rho 0.05",
-            "--epochs", "1", "--sharpness-examples", "8", "--work", str(tmp_path / "runs"), "--out",
+            "--epochs", "1", "--sharpness-examples", "8", "--jobs", "2", "--work", str(tmp_path / "runs"), "--out",
             str(tmp_path / "study.json")]
     generalization.main(argv)
     report = json.loads((tmp_path / "study.json").read_text())
