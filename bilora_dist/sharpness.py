@@ -402,6 +402,6 @@ def sharpness_main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from bilora_dist.cli import run_cli
+    from bilora_dist.cli import exit_process, run_cli
 
-    sys.exit(run_cli(sharpness_main))
+    exit_process(run_cli(sharpness_main))

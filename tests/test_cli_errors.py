@@ -222,3 +222,19 @@ def test_eval_on_start_decides_the_evaluation_before_training(base_args, tmp_pat
              if "eval_loss" in r]
     assert evals == ([0, 2] if value == "true" else [2])
     assert (result["before"] is None) == (value == "false") and result["after"]["eval_loss"] > 0
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_rank_of_a_multi_process_launch_exits_at_once(monkeypatch, world_size):
+    """One process exits through the interpreter; a rank of a launch flushes its streams and leaves at once,
+    skipping the native teardown that now and then aborted a finished 2-rank run."""
+    from bilora_dist import cli
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setattr(cli.os, "_exit", lambda code: calls.append(("os._exit", code)))
+    monkeypatch.setattr(cli.sys.stdout, "flush", lambda: calls.append(("flush", "stdout")))
+    with pytest.raises(SystemExit) as exited:  # reached under world size 2 only because os._exit is patched
+        cli.exit_process(3)
+    assert exited.value.code == 3
+    assert calls == ([] if world_size == "1" else [("flush", "stdout"), ("os._exit", 3)])
