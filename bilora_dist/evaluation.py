@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +58,15 @@ def rank_share(n: int, engine: Engine, batch_size: int) -> list[list[int]]:
     return [mine[i:i + batch_size] for i in range(0, per_rank, batch_size)]
 
 
+def held_out_batches(examples: Sequence[Any], engine: Engine, batch_size: int, pad_id: int) -> Iterator[dict]:
+    """This rank's share of `examples` as collated batches on its device; the rows that only even out the
+    ranks' counts of forward passes have no targets."""
+    for idx in rank_share(len(examples), engine, batch_size):
+        batch = collate([examples[max(i, 0)] for i in idx], pad_id)
+        batch["labels"][[i < 0 for i in idx]] = IGNORE
+        yield to_device(batch, engine.device)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, bank: AdapterBank, examples: Sequence[Any], task: ChoiceTask | None,
              engine: Engine, batch_size: int, pad_id: int) -> dict[str, float]:
@@ -66,10 +75,7 @@ def evaluate(model: nn.Module, bank: AdapterBank, examples: Sequence[Any], task:
     model.eval()
     totals = torch.zeros(4, device=engine.device)  # loss sum, tokens, correct, scored
     with bank.primary_only():
-        for idx in rank_share(len(examples), engine, batch_size):
-            batch = collate([examples[max(i, 0)] for i in idx], pad_id)
-            batch["labels"][[i < 0 for i in idx]] = IGNORE
-            batch = to_device(batch, engine.device)
+        for batch in held_out_batches(examples, engine, batch_size, pad_id):
             loss, tokens = token_loss_sum(model, batch)
             totals[0] += loss
             totals[1] += tokens

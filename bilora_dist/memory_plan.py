@@ -19,11 +19,10 @@ from torch import nn
 
 from bilora_dist.activations import trace_activations
 from bilora_dist.adapters.bank import AdapterBank
-from bilora_dist.modeling import shard_units
+from bilora_dist.modeling import NF4_BLOCK, NF4_NESTED_BLOCK, quantized_linears, shard_units
 
 ADAPTER_BYTES = 4  # adapters, their gradients and optimizer moments are fp32 whatever the base dtype
 DEFAULT_PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's stage3_param_persistence_threshold default
-NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256  # bitsandbytes' 4-bit block and its double-quantisation block
 
 
 def nf4_bytes(numel: int) -> tuple[int, int]:
@@ -35,9 +34,8 @@ def nf4_bytes(numel: int) -> tuple[int, int]:
 
 
 def quantized_weights(model: nn.Module) -> dict[int, nn.Parameter]:
-    """The weights `--quantize 4bit` stores in NF4 (every nn.Linear's but the output head's), by id."""
-    head = model.get_output_embeddings()
-    return {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear) and m is not head}
+    """The weights `--quantize 4bit` stores in NF4 (modeling.quantized_linears), by id."""
+    return {id(m.weight): m.weight for _, m in quantized_linears(model)}
 
 
 def loss_peak_bytes(tokens: int, chunk: int, vocab: int, hidden: int, dtype_bytes: int) -> int:

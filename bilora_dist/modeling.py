@@ -72,6 +72,15 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
+NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256  # bitsandbytes' 4-bit block and its double-quantisation block
+
+
+def quantized_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The layers `--quantize 4bit` stores in NF4, by name: every nn.Linear but the output head."""
+    head = model.get_output_embeddings()
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """How an engine loads the frozen base: its dtype, `quantize` ("none" or "4bit": bitsandbytes NF4 with

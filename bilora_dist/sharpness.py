@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import re
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,10 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from bilora_dist.adapters.bank import AdapterBank, Branch, GradBucket, LayerShape
-from bilora_dist.data import IGNORE, collate, to_device
 from bilora_dist.engines.base import Engine
 from bilora_dist.errors import OneLineParser, UserError
-from bilora_dist.evaluation import rank_share, evaluate
+from bilora_dist.evaluation import evaluate, held_out_batches
 from bilora_dist.loss import token_loss_sum
 
 DEFAULT_RHOS = "0.01,0.05,0.1"
@@ -107,11 +105,9 @@ class Probe:
         bucket = GradBucket([holder])
         was_training = self.model.training
         self.model.eval()
-        for idx in rank_share(len(self.examples), self.engine, self.batch_size):
-            batch = collate([self.examples[max(i, 0)] for i in idx], self.pad_id)
-            batch["labels"][[i < 0 for i in idx]] = IGNORE
+        for batch in held_out_batches(self.examples, self.engine, self.batch_size, self.pad_id):
             self.delta.refresh()
-            loss, tokens = token_loss_sum(self.model, to_device(batch, self.engine.device))
+            loss, tokens = token_loss_sum(self.model, batch)
             loss.backward()
             bucket.add_loss(loss, int(tokens))
         self.engine.all_reduce_sum_(bucket.flat)

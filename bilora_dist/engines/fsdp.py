@@ -50,8 +50,9 @@ class FSDPEngine(DataParallelEngine):
 
     def _load_local_shards(self, model: nn.Module, path: Path, buffers: dict[str, torch.Tensor]) -> None:
         """Read each checkpoint tensor (one at a time, memory-mapped) and keep this rank's shard of it (of
-        its NF4 bytes for a PackedLinear4bit, quantised on this device); a buffer the checkpoint does not hold (non-persistent ones: rotary frequencies, embedding
-        scales, ...) gets its value from `buffers`, as the model computed it."""
+        its NF4 bytes for a PackedLinear4bit, quantised on this device); a buffer the checkpoint does not
+        hold (non-persistent ones: rotary frequencies, embedding scales, ...) gets its value from `buffers`,
+        as the model computed it."""
         index = safetensors_index(path, f"--model {path}: --engine fsdp needs a directory with .safetensors weights")
         tied = model.get_output_embeddings() is not None and \
             model.get_output_embeddings().weight is model.get_input_embeddings().weight

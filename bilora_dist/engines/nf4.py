@@ -12,9 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from bilora_dist.modeling import check_4bit_layer
-
-NF4_BLOCK = 64  # bitsandbytes' 4-bit block (its default, and what BitsAndBytesConfig uses)
+from bilora_dist.modeling import NF4_BLOCK, check_4bit_layer, quantized_linears
 
 
 class PackedLinear4bit(nn.Linear):
@@ -48,12 +46,10 @@ class PackedLinear4bit(nn.Linear):
 
 
 def pack_linear_layers(model: nn.Module, storage: torch.dtype, device: torch.device) -> None:
-    """Swaps every nn.Linear but the output head (what `--quantize 4bit` quantises on the other engines)
-    for a PackedLinear4bit on the same device (meta, before sharding); UserError for a layer bitsandbytes
-    cannot compute on `device`."""
-    head = model.get_output_embeddings()
-    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and m is not head]
-    for name, linear in targets:
+    """Swaps each layer `--quantize 4bit` quantises on the other engines (modeling.quantized_linears) for a
+    PackedLinear4bit on the same device (meta, before sharding); UserError for a layer bitsandbytes cannot
+    compute on `device`."""
+    for name, linear in quantized_linears(model):
         check_4bit_layer(name, linear.in_features, NF4_BLOCK, device)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, PackedLinear4bit(linear, storage))
