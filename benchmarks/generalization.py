@@ -1,20 +1,30 @@
-"""Limited-data generalization study: lora, lora-sam and bilora on the WordNet supersense task, with held-out
-accuracy, loss and the sharpness of every final adapter.
+"""Limited-data generalization study: lora, lora-sam and bilora with held-out accuracy or loss and the sharpness
+of every final adapter, on two tasks of different kinds.
 
-    python benchmarks/generalization.py [--sizes 8,16,32] [--seeds 0,1,2] [--configs NAME,...] [--epochs 3]
+    python benchmarks/generalization.py [--task wordnet|quotes] [--sizes 8,16,32] [--seeds 0,1,2] [--configs ...]
 
-Data: `benchmarks/data/wordnet_study/` (24 classes, 32 training glosses per class, 45 held-out per class =
-1080; rebuilt by `scripts/build_wordnet_task.py --train-per-class 32 --eval-per-class 45 --skip-small --seed 1
---out-dir benchmarks/data/wordnet_study` from the wordnet-base Debian package). A run with k examples per class
-trains on the first k of each class in file order. Every configuration of one size trains the same number of
-steps (`--epochs` passes over the k x 24 examples, micro-batch 8) with the same seeds. Each run is one
-`launch/train.py` on the embedded model, evaluated once at the end on all 1080 held-out examples, then
-`launch/sharpness.py` on its adapter over the first `--sharpness-examples` held-out examples.
+Tasks (the data directories say how they were built):
+- `wordnet`: classification. `benchmarks/data/wordnet_study/`: WordNet noun supersenses, gloss -> one-token label,
+  24 classes, 32 training glosses per class, 45 held-out per class = 1080 (`scripts/build_wordnet_task.py
+  --train-per-class 32 --eval-per-class 45 --skip-small --seed 1 --out-dir benchmarks/data/wordnet_study` from the
+  wordnet-base Debian package). A size k trains on the first k of each class in file order; held-out accuracy
+  and loss on all 1080.
+- `quotes`: style tuning (language modelling). `benchmarks/data/quotes_study/`: 256 training and 900 held-out
+  attributed quotations, plain text (`scripts/build_quotes_task.py --fortunes DIR --copyright FILE --eval 900
+  --out-dir benchmarks/data/quotes_study` from the fortunes Debian package). A size k trains on the first k
+  quotations; held-out loss (perplexity = exp) on all 900.
 
-Runs are kept under `--work` (one directory each, reused when its results exist), so the study can be run in
-parts (`--sizes`, `--seeds`, `--configs`) and resumed; `--jobs 2` runs two at a time, one CPU thread each.
-Results: `--out` (every run, and the mean and standard error per size and configuration) and a markdown table
-on stdout; `--plot` draws accuracy against data size.
+Every configuration of one size trains the same number of steps (`--epochs` passes over the training records,
+micro-batch 8) with the same seeds. Each run is one `launch/train.py` on the embedded model, evaluated once at
+the end on the whole held-out set, then `launch/sharpness.py --measure adversarial` on its adapter (the loss
+increase under the adversarial perturbation of radius rho of the adapted weights, 3 ascent steps) over the first
+`--sharpness-examples` held-out examples.
+
+Every finished run is added to `--out` at once (with the settings it ran under) and is not run again, so the
+study can be run in parts (`--sizes`, `--seeds`, `--configs`), on several machines, and resumed; a results file
+made under other settings is refused rather than mixed. `--jobs 2` runs two at a time, one CPU thread each.
+`--out` holds every run and the mean and standard error per size and configuration; a markdown table goes to
+stdout; `--plot` draws accuracy against data size. Run directories (adapters, metrics) go under `--work`.
 """
 
 from __future__ import annotations
@@ -25,12 +35,17 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "benchmarks" / "data" / "wordnet_study"
+DATA = ROOT / "benchmarks" / "data"
+TASKS = {  # name -> (data directory, what a size counts)
+    "wordnet": (DATA / "wordnet_study", "examples per class"),
+    "quotes": (DATA / "quotes_study", "training quotations"),
+}
 CONFIGS = {
     "lora": ["--method", "lora"],
     "lora-sam rho 0.01": ["--method", "lora-sam", "--rho", "0.01"],
@@ -40,55 +55,59 @@ CONFIGS = {
     "bilora rho 0.1": ["--method", "bilora", "--rho", "0.1"],
 }
 MICRO_BATCH = 8
-SHARPNESS_RHOS = "0.01,0.05,0.1"
+EVAL_BATCH = 32  # held-out batches are length-sorted, so a large batch costs little padding
 
 
-def subset(k: int, folder: Path) -> Path:
-    """The first k training records of each class, in file order, as a .jsonl file."""
-    path = folder / f"train_{k}.jsonl"
+def subset(task: str, k: int, folder: Path) -> Path:
+    """The training records of size k, in file order, as a .jsonl file: the first k of each class (wordnet), or
+    the first k records (quotes)."""
+    path = folder / task / f"train_{k}.jsonl"
     if not path.exists():
-        seen: dict[str, int] = {}
-        rows = []
-        for line in (DATA / "train.jsonl").read_text().splitlines():
-            label = json.loads(line)["completion"]
-            seen[label] = seen.get(label, 0) + 1
-            if seen[label] <= k:
-                rows.append(line)
-        folder.mkdir(parents=True, exist_ok=True)
+        lines = (TASKS[task][0] / "train.jsonl").read_text().splitlines()
+        if task == "wordnet":
+            seen: dict[str, int] = {}
+            rows = []
+            for line in lines:
+                label = json.loads(line)["completion"]
+                seen[label] = seen.get(label, 0) + 1
+                if seen[label] <= k:
+                    rows.append(line)
+        else:
+            rows = lines[:k]
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(rows) + "\n")
     return path
 
 
 def run_one(size: int, config: str, seed: int, args: argparse.Namespace) -> dict:
-    """Train, evaluate and probe one run (or read its results if it ran before)."""
-    out = args.work / f"k{size}" / config.replace(" ", "_") / f"seed{seed}"
-    result_file = out / "result.json"
-    if result_file.exists():
-        return json.loads(result_file.read_text())
-    train = subset(size, args.work)
+    """Train, evaluate and probe one run."""
+    out = args.work / args.task / f"k{size}" / config.replace(" ", "_") / f"seed{seed}"
+    train, held_out = subset(args.task, size, args.work), TASKS[args.task][0] / "eval.jsonl"
     records = sum(1 for _ in train.open())
     steps = max(1, round(args.epochs * records / MICRO_BATCH))
     started = time.perf_counter()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.jobs > 1 else None  # one core per run
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # this checkout
+    if args.jobs > 1:
+        env["OMP_NUM_THREADS"] = "1"  # one core per run
     subprocess.run([sys.executable, "launch/train.py", *CONFIGS[config], "--data", str(train), "--eval-data",
-                    str(DATA / "eval.jsonl"), "--max-steps", str(steps), "--micro-batch-size", str(MICRO_BATCH),
-                    "--seed", str(seed), "--eval-on-start", "false", "--output-dir", str(out), "--data-cache",
-                    "none", "--replica-check-every", "0", *(["--model", args.model] if args.model else [])], cwd=ROOT, check=True, capture_output=True,
+                    str(held_out), "--max-steps", str(steps), "--micro-batch-size", str(MICRO_BATCH),
+                    "--eval-batch-size", str(EVAL_BATCH), "--seed", str(seed), "--eval-on-start", "false", "--output-dir", str(out), "--data-cache",
+                    "none", "--replica-check-every", "0", "--bf16", args.bf16,
+                    *(["--model", args.model] if args.model else [])], cwd=ROOT, check=True, capture_output=True,
                    text=True, env=env)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    final = [r for r in rows if "accuracy" in r][-1]
+    final = [r for r in rows if "eval_loss" in r][-1]
     train_s = time.perf_counter() - started
     subprocess.run([sys.executable, "launch/sharpness.py", "--adapter", str(out / "adapter"), "--data",
-                    str(DATA / "eval.jsonl"), "--max-examples", str(args.sharpness_examples), "--rho",
-                    SHARPNESS_RHOS, "--draws", "3", "--adv-steps", "3", "--seed", str(seed), "--out",
-                    str(out / "sharpness.json"), "--data-cache", "none"],
+                    str(held_out), "--max-examples", str(args.sharpness_examples), "--rho",
+                    args.sharpness_rhos, "--measure", "adversarial", "--adv-steps", "3", "--batch-size",
+                    str(EVAL_BATCH), "--seed", str(seed), "--out", str(out / "sharpness.json"), "--data-cache", "none", "--bf16",
+                    args.bf16],
                    cwd=ROOT, check=True, capture_output=True, text=True, env=env)
     sharp = json.loads((out / "sharpness.json").read_text())
-    result = {"size": size, "config": config, "seed": seed, "steps": steps, "accuracy": final["accuracy"],
+    result = {"size": size, "config": config, "seed": seed, "steps": steps, "accuracy": final.get("accuracy"),
               "eval_loss": final["eval_loss"], "train_s": train_s, "probe_s": time.perf_counter() - started - train_s,
-              "sharpness": {str(r["rho"]): {k: r[k] for k in ("random_mean", "adversarial", "lora_adversarial")}
-                            for r in sharp["results"]}}
-    result_file.write_text(json.dumps(result, indent=1) + "\n")
+              "sharpness": {str(r["rho"]): {"adversarial": r["adversarial"]} for r in sharp["results"]}}
     return result
 
 
@@ -106,57 +125,100 @@ def summarise(runs: list[dict]) -> list[dict]:
     for (size, config), group in sorted(groups.items(), key=lambda g: (g[0][0], list(CONFIGS).index(g[0][1]))):
         row = {"size": size, "config": config, "seeds": len(group), "steps": group[0]["steps"]}
         for key in ("accuracy", "eval_loss"):
-            row[key] = mean_se([r[key] for r in group])
+            row[key] = mean_se([r[key] for r in group]) if group[0][key] is not None else None
         row["adversarial"] = {rho: mean_se([r["sharpness"][rho]["adversarial"] for r in group])
                               for rho in group[0]["sharpness"]}
         rows.append(row)
     return rows
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], unit: str) -> str:
     rhos = list(rows[0]["adversarial"]) if rows else []
-    head = "| per class | config | seeds | steps | accuracy % | held-out loss | " + " | ".join(
+    head = f"| {unit} | config | seeds | steps | accuracy % | held-out loss | " + " | ".join(
         f"adv. sharpness rho {rho}" for rho in rhos) + " |"
     lines = [head, "|" + "---|" * (6 + len(rhos))]
     for r in rows:
         acc, loss = r["accuracy"], r["eval_loss"]
-        lines.append(f"| {r['size']} | {r['config']} | {r['seeds']} | {r['steps']} | {100 * acc[0]:.1f} ± "
-                     f"{100 * acc[1]:.1f} | {loss[0]:.3f} ± {loss[1]:.3f} | " + " | ".join(
+        accuracy = f"{100 * acc[0]:.1f} ± {100 * acc[1]:.1f}" if acc else "—"
+        lines.append(f"| {r['size']} | {r['config']} | {r['seeds']} | {r['steps']} | {accuracy} | "
+                     f"{loss[0]:.3f} ± {loss[1]:.3f} | " + " | ".join(
                          f"{r['adversarial'][rho][0]:.4f} ± {r['adversarial'][rho][1]:.4f}" for rho in rhos) + " |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, unit: str) -> None:
+    """Two panels: held-out accuracy (or loss, for a task without classes) against data size, and adversarial
+    sharpness against rho at the smallest size; one line per configuration, mean ± s.e. over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for config in CONFIGS:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    smallest = min(r["size"] for r in rows)
+    key, scale, label = ("accuracy", 100, "held-out accuracy (%)") if rows[0]["accuracy"] else (
+        "eval_loss", 1, "held-out loss (nats per token)")
+    for i, config in enumerate(CONFIGS):
         points = [r for r in rows if r["config"] == config]
-        if points:
-            ax.errorbar([r["size"] for r in points], [100 * r["accuracy"][0] for r in points],
-                        yerr=[100 * r["accuracy"][1] for r in points], marker="o", capsize=3, label=config)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("training examples per class")
-    ax.set_ylabel("held-out accuracy (%), mean ± s.e.")
-    ax.legend(fontsize=8)
+        if not points:
+            continue
+        shift = 2 ** (0.03 * (i - len(CONFIGS) / 2))  # side by side at each size
+        left.errorbar([r["size"] * shift for r in points], [scale * r[key][0] for r in points],
+                      yerr=[scale * r[key][1] for r in points], marker="o", capsize=3, label=config)
+        first = next((r for r in points if r["size"] == smallest), None)
+        if first:
+            rhos = sorted(first["adversarial"], key=float)
+            right.errorbar([float(rho) for rho in rhos], [first["adversarial"][rho][0] for rho in rhos],
+                           yerr=[first["adversarial"][rho][1] for rho in rhos], marker="o", capsize=3, label=config)
+    left.set_xscale("log", base=2)
+    left.set_xlabel(unit)
+    left.set_ylabel(f"{label}, mean ± s.e.")
+    left.legend(fontsize=8)
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_xlabel("ρ (Frobenius radius of the weight perturbation)")
+    right.set_ylabel(f"adversarial loss increase, {smallest} {unit}")
+    right.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """What makes two runs of one (size, config, seed) comparable."""
+    import torch
+
+    bf16 = args.bf16 == "true" or (args.bf16 == "auto" and torch.cuda.is_available())  # launch/train.py's rule
+    return {"task": args.task, "epochs": args.epochs, "micro_batch": MICRO_BATCH, "sharpness_examples": args.sharpness_examples,
+            "sharpness_rhos": args.sharpness_rhos, "model": args.model or "embedded", "bf16": bf16}
+
+
+def load_results(path: Path, wanted: dict) -> list[dict]:
+    """The runs already in `path`, refused when they ran under other settings."""
+    if not path.exists():
+        return []
+    report = json.loads(path.read_text())
+    if report.get("settings") != wanted:
+        raise SystemExit(f"error: {path} holds runs made with other settings ({report.get('settings')} vs "
+                         f"{wanted}); pass another --out")
+    return report["runs"]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="8,16,32")
+    parser.add_argument("--task", default="wordnet", choices=list(TASKS))
+    parser.add_argument("--sizes", default="8,16,32", help="training data sizes (per class for wordnet)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
     parser.add_argument("--epochs", type=float, default=3.0)
-    parser.add_argument("--sharpness-examples", type=int, default=128)
+    parser.add_argument("--sharpness-examples", type=int, default=64, help="first N held-out examples of the probe")
+    parser.add_argument("--sharpness-rhos", default="0.01,0.05", help="radii of the probe, comma-separated")
+    parser.add_argument("--bf16", default="auto", choices=["auto", "true", "false"], help="as in launch/train.py")
     parser.add_argument("--model", default="", help="base model (default: the embedded one)")
     parser.add_argument("--work", type=Path, default=ROOT / "outputs" / "generalization_runs")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "generalization.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results file (default benchmarks/results/generalization_<task>.json)")
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each on one CPU thread when > 1)")
     args = parser.parse_args(argv)
@@ -164,24 +226,39 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         parser.error(f"unknown config {unknown[0]!r}; one of: {', '.join(CONFIGS)}")
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"generalization_{args.task}.json"
+    wanted = settings(args)
+    runs = load_results(args.out, wanted)
+    done = {(r["size"], r["config"], r["seed"]) for r in runs}
     plan = [(int(k), c, int(s)) for k in args.sizes.split(",") for c in configs for s in args.seeds.split(",")]
-    for size in {p[0] for p in plan}:
-        subset(size, args.work)  # written once, before runs share it
+    todo = [p for p in plan if p not in done]
+    for size in {p[0] for p in todo}:
+        subset(args.task, size, args.work)  # written once, before runs share it
+    lock = threading.Lock()
 
-    def one(i: int) -> dict:
-        size, config, seed = plan[i]
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        ordered = sorted(runs, key=lambda r: (r["size"], list(CONFIGS).index(r["config"]), r["seed"]))
+        args.out.write_text(json.dumps({"settings": wanted, "runs": ordered, "summary": summarise(ordered)},
+                                       indent=1) + "\n")
+
+    def one(i: int) -> None:
+        size, config, seed = todo[i]
         r = run_one(size, config, seed, args)
-        print(f"[{i + 1}/{len(plan)}] {size}/class, {config}, seed {seed}: accuracy {100 * r['accuracy']:.1f} %, "
-              f"loss {r['eval_loss']:.3f}, {r['train_s']:.0f} s + probe {r['probe_s']:.0f} s", flush=True)
-        return r
+        with lock:
+            runs.append(r)
+            save()
+        accuracy = f"accuracy {100 * r['accuracy']:.1f} %, " if r["accuracy"] is not None else ""
+        print(f"[{i + 1}/{len(todo)}] size {size}, {config}, seed {seed}: {accuracy}loss {r['eval_loss']:.3f}, "
+              f"{r['train_s']:.0f} s + probe {r['probe_s']:.0f} s", flush=True)
 
+    print(f"{len(plan) - len(todo)} of {len(plan)} runs already in {args.out}", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(one, range(len(plan))))
-    rows = summarise(runs)
-    args.out.write_text(json.dumps({"runs": runs, "summary": rows}, indent=1) + "\n")
-    print(table(rows))
+        list(pool.map(one, range(len(todo))))
+    rows = summarise([r for r in runs if (r["size"], r["config"], r["seed"]) in set(plan)])
+    print(table(rows, TASKS[args.task][1]))
     if args.plot:
-        plot(rows, args.plot)
+        plot(summarise(runs), args.plot, TASKS[args.task][1])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from bilora_dist.adapters.bank import AdapterBank
-from bilora_dist.data import IGNORE, Example, Prepared, collate, to_device
+from bilora_dist.data import IGNORE, Example, Prepared, collate, ids_and_labels, to_device
 from bilora_dist.engines.base import Engine
 from bilora_dist.loss import token_loss_sum
 
@@ -49,11 +49,13 @@ def choice_task(data: Prepared, tokenizer: Any, seq_len: int) -> ChoiceTask | No
     return ChoiceTask(prompts, [i[0] for i in ids], [labels.index(c) for c in completions])
 
 
-def rank_share(n: int, engine: Engine, batch_size: int) -> list[list[int]]:
-    """This rank's eval batches: indices rank::world, padded with -1 so every rank runs the same count
-    of forward passes (sharded engines gather weights collectively inside forward)."""
-    mine = list(range(engine.rank, n, engine.world_size))
-    per_rank = -(-n // engine.world_size)
+def rank_share(lengths: Sequence[int], engine: Engine, batch_size: int) -> list[list[int]]:
+    """This rank's eval batches of indices into `lengths`, sequences of similar length together: the indices in
+    length order, dealt rank::world, padded with -1 so every rank runs the same count of forward passes
+    (sharded engines gather weights collectively inside forward). Sums over the set do not depend on order."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    mine = order[engine.rank::engine.world_size]
+    per_rank = -(-len(lengths) // engine.world_size)
     mine += [-1] * (per_rank - len(mine))
     return [mine[i:i + batch_size] for i in range(0, per_rank, batch_size)]
 
@@ -61,7 +63,8 @@ def rank_share(n: int, engine: Engine, batch_size: int) -> list[list[int]]:
 def held_out_batches(examples: Sequence[Any], engine: Engine, batch_size: int, pad_id: int) -> Iterator[dict]:
     """This rank's share of `examples` as collated batches on its device; the rows that only even out the
     ranks' counts of forward passes have no targets."""
-    for idx in rank_share(len(examples), engine, batch_size):
+    lengths = [len(ids_and_labels(e)[0]) for e in examples]
+    for idx in rank_share(lengths, engine, batch_size):
         batch = collate([examples[max(i, 0)] for i in idx], pad_id)
         batch["labels"][[i < 0 for i in idx]] = IGNORE
         yield to_device(batch, engine.device)
@@ -81,7 +84,7 @@ def evaluate(model: nn.Module, bank: AdapterBank, examples: Sequence[Any], task:
             totals[1] += tokens
         if task is not None:
             cand = torch.tensor(task.candidate_ids, device=engine.device)
-            for idx in rank_share(len(task.prompts), engine, batch_size):
+            for idx in rank_share([len(p.input_ids) for p in task.prompts], engine, batch_size):
                 batch = to_device(collate([task.prompts[max(i, 0)] for i in idx], pad_id), engine.device)
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                position_ids=batch["position_ids"], logits_to_keep=1, use_cache=False).logits

@@ -231,26 +231,34 @@ def lora_adversarial_increases(probe: Probe, rhos: list[float], steps: int, base
     return out, g0_norm
 
 
-def probe_sharpness(probe: Probe, rhos: list[float], draws: int = 5, adv_steps: int = 5,
-                    seed: int = 0) -> dict[str, Any]:
-    """Base loss, gradient norms and, for each ρ, the random, adversarial and LoRA-subspace loss increases."""
+MEASURES = ("random", "adversarial", "lora")
+
+
+def probe_sharpness(probe: Probe, rhos: list[float], draws: int = 5, adv_steps: int = 5, seed: int = 0,
+                    measures: tuple[str, ...] = MEASURES) -> dict[str, Any]:
+    """Base loss, gradient norms and, for each ρ, the random, adversarial and LoRA-subspace loss increases (those
+    of `measures`; the others are None)."""
     base = probe.loss()
-    random = random_increases(probe, rhos, draws, seed, base)
-    adversarial, grad_norm = adversarial_increases(probe, rhos, adv_steps, base)
-    lora, lora_grad_norm = lora_adversarial_increases(probe, rhos, adv_steps, base)
+    n = len(rhos)
+    random = random_increases(probe, rhos, draws, seed, base) if "random" in measures else None
+    adversarial, grad_norm = (adversarial_increases(probe, rhos, adv_steps, base) if "adversarial" in measures
+                              else ([None] * n, None))
+    lora, lora_grad_norm = (lora_adversarial_increases(probe, rhos, adv_steps, base) if "lora" in measures
+                            else ([None] * n, None))
     rows = []
     for j, rho in enumerate(rhos):
-        column = torch.tensor([row[j] for row in random], dtype=torch.float64)
-        rows.append({"rho": rho, "random_mean": float(column.mean()),
-                     "random_std": float(column.std()) if draws > 1 else 0.0,
-                     "adversarial": adversarial[j], "lora_adversarial": lora[j], "first_order": rho * grad_norm})
+        column = torch.tensor([row[j] for row in random], dtype=torch.float64) if random else None
+        rows.append({"rho": rho, "random_mean": float(column.mean()) if random else None,
+                     "random_std": (float(column.std()) if draws > 1 else 0.0) if random else None,
+                     "adversarial": adversarial[j], "lora_adversarial": lora[j],
+                     "first_order": rho * grad_norm if grad_norm is not None else None})
     return {"base_loss": base, "grad_norm": grad_norm, "lora_grad_norm": lora_grad_norm,
             "adapted_layers": len(probe.bank.shapes), "adapted_weights": probe.delta.flat.numel(),
-            "draws": draws, "adv_steps": adv_steps, "seed": seed, "results": rows}
+            "draws": draws, "adv_steps": adv_steps, "seed": seed, "measures": list(measures), "results": rows}
 
 
 def plot_sharpness(report: dict[str, Any], path: Path) -> bool:
-    """Loss increase vs ρ, three curves (random mean ± std, adversarial, LoRA-subspace adversarial) as a PNG;
+    """Loss increase vs ρ, a curve per measure (random mean ± std, adversarial, LoRA-subspace adversarial) as a PNG;
     False where matplotlib is not installed (it is not a dependency of the package)."""
     try:
         import matplotlib
@@ -262,10 +270,13 @@ def plot_sharpness(report: dict[str, Any], path: Path) -> bool:
     rows = report["results"]
     rho = [r["rho"] for r in rows]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.errorbar(rho, [r["random_mean"] for r in rows], yerr=[r["random_std"] for r in rows], marker="o",
-                capsize=3, label=f"random (mean ± std, {report['draws']} draws)")
-    ax.plot(rho, [r["adversarial"] for r in rows], marker="s", label="adversarial, full weight space")
-    ax.plot(rho, [r["lora_adversarial"] for r in rows], marker="^", label="adversarial, LoRA factors")
+    if rows[0]["random_mean"] is not None:
+        ax.errorbar(rho, [r["random_mean"] for r in rows], yerr=[r["random_std"] for r in rows], marker="o",
+                    capsize=3, label=f"random (mean ± std, {report['draws']} draws)")
+    for key, marker, label in (("adversarial", "s", "adversarial, full weight space"),
+                               ("lora_adversarial", "^", "adversarial, LoRA factors")):
+        if rows[0][key] is not None:
+            ax.plot(rho, [r[key] for r in rows], marker=marker, label=label)
     ax.set_xlabel("ρ (Frobenius radius of the weight change)")
     ax.set_ylabel("loss increase")
     ax.set_title(f"sharpness (base loss {report['base_loss']:.4f})")
@@ -289,6 +300,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, default=0, help="use the first N examples only (0: all)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass per rank")
     p.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    p.add_argument("--measure", default=",".join(MEASURES),
+                   help="comma-separated, of: random (dense directions), adversarial (dense ascent), lora (ascent "
+                        "on the factors); fewer measures, less time")
     for flag, default, extra in (("--seq-len", 256, {"type": int}), ("--data-format", "auto", {}),
                                  ("--data-cache", "", {}), ("--engine", "auto", {}), ("--ds_config", "", {}),
                                  ("--bf16", "auto", {}), ("--attn-implementation", "auto", {}),
@@ -310,8 +324,17 @@ def parse_rhos(text: str) -> list[float]:
     return rhos
 
 
+def parse_measures(text: str) -> tuple[str, ...]:
+    measures = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in measures if m not in MEASURES]
+    if unknown or not measures:
+        raise UserError(f"--measure '{text}': expected some of {','.join(MEASURES)}")
+    return tuple(m for m in MEASURES if m in measures)
+
+
 def _check_args(args: argparse.Namespace) -> list[float]:
     rhos = parse_rhos(args.rho)
+    parse_measures(args.measure)
     for flag, value, least in (("--draws", args.draws, 1), ("--adv-steps", args.adv_steps, 1),
                                ("--batch-size", args.batch_size, 1), ("--max-examples", args.max_examples, 0)):
         if value < least:
@@ -383,13 +406,16 @@ def sharpness_main(argv: list[str]) -> None:
                 f"{probe.delta.flat.numel():,} adapted weights, {len(examples)} examples, rho {rhos}")
     report = {"adapter": str(args.adapter), "model": base_model, "data": args.data, "examples": len(examples),
               "engine": engine.name, "world_size": engine.world_size,
-              **probe_sharpness(probe, rhos, args.draws, args.adv_steps, args.seed)}
+              **probe_sharpness(probe, rhos, args.draws, args.adv_steps, args.seed, parse_measures(args.measure))}
     if engine.is_main:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         for row in report["results"]:
-            print(f"rho {row['rho']:g}: random {row['random_mean']:+.5f} ± {row['random_std']:.5f}, adversarial "
-                  f"{row['adversarial']:+.5f}, LoRA-subspace adversarial {row['lora_adversarial']:+.5f}")
+            parts = [f"random {row['random_mean']:+.5f} ± {row['random_std']:.5f}" if row["random_mean"] is not None
+                     else "", f"adversarial {row['adversarial']:+.5f}" if row["adversarial"] is not None else "",
+                     f"LoRA-subspace adversarial {row['lora_adversarial']:+.5f}"
+                     if row["lora_adversarial"] is not None else ""]
+            print(f"rho {row['rho']:g}: " + ", ".join(p for p in parts if p))
         plot = args.out.with_suffix(".png")
         plotted = plot_sharpness(report, plot)
         print(f"report written to {args.out}" + (f", plot to {plot}" if plotted else

@@ -13,29 +13,54 @@ import generalization  # noqa: E402
 
 
 def test_subsets_take_the_first_k_of_every_class(tmp_path):
-    rows = [json.loads(line) for line in generalization.subset(2, tmp_path).read_text().splitlines()]
-    labels = json.loads((generalization.DATA / "labels.json").read_text())
+    data = generalization.TASKS["wordnet"][0]
+    rows = [json.loads(line) for line in generalization.subset("wordnet", 2, tmp_path).read_text().splitlines()]
+    labels = json.loads((data / "labels.json").read_text())
     assert sorted(r["completion"].strip() for r in rows) == sorted(labels * 2)
-    eval_rows = (generalization.DATA / "eval.jsonl").read_text().splitlines()
+    eval_rows = (data / "eval.jsonl").read_text().splitlines()
     assert len(eval_rows) >= 1000 and not {json.loads(e)["prompt"] for e in eval_rows} & {r["prompt"] for r in rows}
 
 
+def test_quotation_subsets_are_the_first_k_and_disjoint_from_the_held_out_set(tmp_path):
+    data = generalization.TASKS["quotes"][0]
+    rows = generalization.subset("quotes", 5, tmp_path).read_text().splitlines()
+    assert rows == (data / "train.jsonl").read_text().splitlines()[:5]
+    train = {json.loads(line)["text"] for line in (data / "train.jsonl").read_text().splitlines()}
+    held_out = [json.loads(line)["text"] for line in (data / "eval.jsonl").read_text().splitlines()]
+    assert len(held_out) == len(set(held_out)) == 900 and not train & set(held_out)
+    assert all("\n-- " in text for text in held_out)  # every quotation ends with its attribution
+
+
 def test_study_runs_resumes_and_summarises(tiny_model_dir, tmp_path, capsys):
-    argv = ["--model", str(tiny_model_dir), "--sizes", "1", "--seeds", "0,1", "--configs", "bilora rho 0.05",
-            "--epochs", "1", "--sharpness-examples", "8", "--jobs", "2", "--work", str(tmp_path / "runs"), "--out",
-            str(tmp_path / "study.json")]
-    generalization.main(argv)
+    argv = ["--model", str(tiny_model_dir), "--sizes", "1", "--configs", "bilora rho 0.05", "--epochs", "1",
+            "--sharpness-examples", "8", "--sharpness-rhos", "0.01,0.05,0.1", "--jobs", "2", "--work",
+            str(tmp_path / "runs"), "--out", str(tmp_path / "study.json"), "--plot", str(tmp_path / "study.png")]
+    generalization.main([*argv, "--seeds", "1"])
+    generalization.main([*argv, "--seeds", "0,1"])  # seed 1 is read back, seed 0 added to the same file
     report = json.loads((tmp_path / "study.json").read_text())
     assert [(r["config"], r["seed"], r["steps"]) for r in report["runs"]] == [
         ("bilora rho 0.05", 0, 3), ("bilora rho 0.05", 1, 3)]  # 1 epoch of 24 records, micro-batch 8
     for r in report["runs"]:
         assert 0 <= r["accuracy"] <= 1 and r["eval_loss"] > 0 and set(r["sharpness"]) == {"0.01", "0.05", "0.1"}
+        assert all(s["adversarial"] > 0 for s in r["sharpness"].values())
     (row,) = report["summary"]
     accuracies = [r["accuracy"] for r in report["runs"]]
     assert row["accuracy"][0] == pytest.approx(sum(accuracies) / 2)
     assert row["accuracy"][1] == pytest.approx(abs(accuracies[0] - accuracies[1]) / 2)  # s.e. of two values
-    result = tmp_path / "runs" / "k1" / "bilora_rho_0.05" / "seed0" / "result.json"
-    stamp = result.stat().st_mtime_ns
-    generalization.main(argv)  # every run is read back, none retrained
-    assert result.stat().st_mtime_ns == stamp
+    assert (tmp_path / "study.png").stat().st_size > 0
+    metrics = tmp_path / "runs" / "wordnet" / "k1" / "bilora_rho_0.05" / "seed0" / "metrics.jsonl"
+    stamp = metrics.stat().st_mtime_ns
+    generalization.main([*argv, "--seeds", "0,1"])  # every run is read back, none retrained
+    assert metrics.stat().st_mtime_ns == stamp
     assert "| 1 | bilora rho 0.05 | 2 | 3 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="other settings"):  # runs of another step budget are not mixed in
+        generalization.main([*argv, "--seeds", "2", "--epochs", "2"])
+
+
+def test_a_task_without_classes_reports_held_out_loss(tiny_model_dir, tmp_path, capsys):
+    generalization.main(["--task", "quotes", "--model", str(tiny_model_dir), "--sizes", "8", "--seeds", "0",
+                         "--configs", "lora", "--epochs", "1", "--sharpness-examples", "4", "--sharpness-rhos", "0.05",
+                         "--work", str(tmp_path / "runs"), "--out", str(tmp_path / "quotes.json")])
+    (run,) = json.loads((tmp_path / "quotes.json").read_text())["runs"]
+    assert run["accuracy"] is None and run["eval_loss"] > 0 and run["steps"] == 1
+    assert "| 8 | lora | 1 | 1 | — |" in capsys.readouterr().out

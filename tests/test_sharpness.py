@@ -96,6 +96,17 @@ def test_adversarial_increase_is_rho_times_the_gradient_norm_in_the_limit(probed
     assert report["results"][0]["adversarial"] == pytest.approx(RHOS[0] * want, rel=0.05)
 
 
+def test_a_subset_of_measures_gives_the_same_numbers(probed):
+    """--measure adversarial runs the dense ascent alone: the full report's numbers, nothing else measured."""
+    probe, report, _ = probed
+    alone = probe_sharpness(probe, RHOS, draws=3, adv_steps=3, seed=1, measures=("adversarial",))
+    assert alone["grad_norm"] == pytest.approx(report["grad_norm"], rel=1e-6)
+    for row, ref in zip(alone["results"], report["results"]):
+        assert row["adversarial"] == pytest.approx(ref["adversarial"], rel=1e-5)
+        assert row["random_mean"] is row["lora_adversarial"] is None
+    assert alone["lora_grad_norm"] is None and alone["measures"] == ["adversarial"]
+
+
 def test_lora_sam_step_matches_its_first_order_value(probed, dense_gradients, adapter):
     """One normalised ascent step on the factors, d = t g_f with g_f = (s B^T G, s G A^T) from the dense
     gradient G: at first order the loss rises by <G, J d> = rho ||g_f||^2 / ||J g_f||, J g_f = s (dB A + B dA)."""
@@ -173,6 +184,7 @@ def test_fsdp_two_ranks_give_the_single_process_numbers(single_report, adapter, 
     (["--rho", "0.1,0", "--data", "x.jsonl"], "every radius must be a finite number > 0"),
     (["--rho", "a", "--data", "x.jsonl"], "expected comma-separated numbers"),
     (["--draws", "0", "--data", "x.jsonl"], "--draws must be >= 1"),
+    (["--measure", "adversarial,hessian", "--data", "x.jsonl"], "expected some of random,adversarial,lora"),
 ])
 def test_bad_input_is_one_line(argv, message, adapter, capsys):
     if "--adapter" not in argv:
