@@ -21,17 +21,21 @@ increase under the adversarial perturbation of radius rho of the adapted weights
 `--sharpness-examples` held-out examples.
 
 Every finished run is added to `--out` at once (with the settings it ran under) and is not run again, so the
-study can be run in parts (`--sizes`, `--seeds`, `--configs`), on several machines, and resumed; a results file
+study can be run in parts (`--sizes`, `--seeds`, `--configs`), one part after another, and resumed; a results file
 made under other settings is refused rather than mixed. `--jobs 2` runs two at a time, one CPU thread each.
 `--out` holds every run and the mean and standard error per size and configuration; a markdown table goes to
-stdout; `--plot` draws accuracy against data size. Run directories (adapters, metrics) go under `--work`.
+stdout; `--plot` draws accuracy (wordnet) or held-out loss (quotes) against data size, and the adversarial
+sharpness against rho. Run directories (adapters, metrics) go under `--work`; a run missing from `--out` is
+trained again from scratch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import hashlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,9 +46,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks" / "data"
-TASKS = {  # name -> (data directory, what a size counts)
-    "wordnet": (DATA / "wordnet_study", "examples per class"),
-    "quotes": (DATA / "quotes_study", "training quotations"),
+TASKS = {  # name -> (data directory, what a size counts, default sizes)
+    "wordnet": (DATA / "wordnet_study", "examples per class", "8,16,32"),
+    "quotes": (DATA / "quotes_study", "training quotations", "64,128,256"),
 }
 CONFIGS = {
     "lora": ["--method", "lora"],
@@ -79,31 +83,39 @@ def subset(task: str, k: int, folder: Path) -> Path:
     return path
 
 
+def child(cmd: list[str], env: dict[str, str]) -> None:
+    """Run a launch script from the repository root; on failure, stop with the last lines of its output."""
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise SystemExit(f"error: {' '.join(cmd[1:3])} failed (exit {proc.returncode}):\n{tail}")
+
+
 def run_one(size: int, config: str, seed: int, args: argparse.Namespace) -> dict:
-    """Train, evaluate and probe one run."""
+    """Train, evaluate and probe one run; train_s is the wall time of the training call (loading, training and
+    the held-out evaluation), probe_s that of the probe."""
     out = args.work / args.task / f"k{size}" / config.replace(" ", "_") / f"seed{seed}"
     train, held_out = subset(args.task, size, args.work), TASKS[args.task][0] / "eval.jsonl"
     records = sum(1 for _ in train.open())
     steps = max(1, round(args.epochs * records / MICRO_BATCH))
+    shutil.rmtree(out, ignore_errors=True)  # what an interrupted attempt left: not in the results, so not done
     started = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # this checkout
     if args.jobs > 1:
         env["OMP_NUM_THREADS"] = "1"  # one core per run
-    subprocess.run([sys.executable, "launch/train.py", *CONFIGS[config], "--data", str(train), "--eval-data",
+    child([sys.executable, "launch/train.py", *CONFIGS[config], "--data", str(train), "--eval-data",
                     str(held_out), "--max-steps", str(steps), "--micro-batch-size", str(MICRO_BATCH),
-                    "--eval-batch-size", str(EVAL_BATCH), "--seed", str(seed), "--eval-on-start", "false", "--output-dir", str(out), "--data-cache",
-                    "none", "--replica-check-every", "0", "--bf16", args.bf16,
-                    *(["--model", args.model] if args.model else [])], cwd=ROOT, check=True, capture_output=True,
-                   text=True, env=env)
+                    "--eval-batch-size", str(EVAL_BATCH), "--seed", str(seed), "--eval-on-start", "false",
+                    "--output-dir", str(out), "--data-cache", "none", "--replica-check-every", "0", "--bf16", args.bf16,
+                    *(["--model", args.model] if args.model else [])], env)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in rows if "eval_loss" in r][-1]
     train_s = time.perf_counter() - started
-    subprocess.run([sys.executable, "launch/sharpness.py", "--adapter", str(out / "adapter"), "--data",
+    child([sys.executable, "launch/sharpness.py", "--adapter", str(out / "adapter"), "--data",
                     str(held_out), "--max-examples", str(args.sharpness_examples), "--rho",
                     args.sharpness_rhos, "--measure", "adversarial", "--adv-steps", "3", "--batch-size",
-                    str(EVAL_BATCH), "--seed", str(seed), "--out", str(out / "sharpness.json"), "--data-cache", "none", "--bf16",
-                    args.bf16],
-                   cwd=ROOT, check=True, capture_output=True, text=True, env=env)
+                    str(EVAL_BATCH), "--seed", str(seed), "--out", str(out / "sharpness.json"), "--data-cache",
+                    "none", "--bf16", args.bf16], env)
     sharp = json.loads((out / "sharpness.json").read_text())
     result = {"size": size, "config": config, "seed": seed, "steps": steps, "accuracy": final.get("accuracy"),
               "eval_loss": final["eval_loss"], "train_s": train_s, "probe_s": time.perf_counter() - started - train_s,
@@ -118,6 +130,8 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 
 def summarise(runs: list[dict]) -> list[dict]:
+    """Per (size, config): seeds, steps, and the mean and standard error of accuracy (None without classes),
+    held-out loss and the adversarial sharpness at each rho."""
     groups: dict[tuple[int, str], list[dict]] = {}
     for r in runs:
         groups.setdefault((r["size"], r["config"]), []).append(r)
@@ -130,6 +144,40 @@ def summarise(runs: list[dict]) -> list[dict]:
                               for rho in group[0]["sharpness"]}
         rows.append(row)
     return rows
+
+
+def paired_vs_lora(runs: list[dict]) -> list[dict]:
+    """Per (size, config other than lora): mean and standard error over seeds of the difference to the lora run
+    of the same size and seed (same data order), for accuracy (None without classes), held-out loss and the
+    adversarial sharpness at each rho. Pairing removes what a seed does to every method alike."""
+    lora = {(r["size"], r["seed"]): r for r in runs if r["config"] == "lora"}
+    groups: dict[tuple[int, str], list[tuple[dict, dict]]] = {}
+    for r in runs:
+        if r["config"] != "lora" and (r["size"], r["seed"]) in lora:
+            groups.setdefault((r["size"], r["config"]), []).append((r, lora[r["size"], r["seed"]]))
+    rows = []
+    for (size, config), pairs in sorted(groups.items(), key=lambda g: (g[0][0], list(CONFIGS).index(g[0][1]))):
+        row = {"size": size, "config": config, "seeds": len(pairs)}
+        for key in ("accuracy", "eval_loss"):
+            row[key] = mean_se([r[key] - b[key] for r, b in pairs]) if pairs[0][0][key] is not None else None
+        row["adversarial"] = {rho: mean_se([r["sharpness"][rho]["adversarial"] - b["sharpness"][rho]["adversarial"]
+                                            for r, b in pairs]) for rho in pairs[0][0]["sharpness"]}
+        rows.append(row)
+    return rows
+
+
+def paired_table(rows: list[dict], unit: str) -> str:
+    rhos = list(rows[0]["adversarial"]) if rows else []
+    head = f"| {unit} | config − lora, same seed | seeds | accuracy (points) | held-out loss | " + " | ".join(
+        f"adv. sharpness rho {rho}" for rho in rhos) + " |"
+    lines = [head, "|" + "---|" * (5 + len(rhos))]
+    for r in rows:
+        acc, loss = r["accuracy"], r["eval_loss"]
+        accuracy = f"{100 * acc[0]:+.1f} ± {100 * acc[1]:.1f}" if acc else "—"
+        lines.append(f"| {r['size']} | {r['config']} | {r['seeds']} | {accuracy} | {loss[0]:+.3f} ± {loss[1]:.3f} | "
+                     + " | ".join(f"{r['adversarial'][rho][0]:+.4f} ± {r['adversarial'][rho][1]:.4f}"
+                                  for rho in rhos) + " |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict], unit: str) -> str:
@@ -186,12 +234,18 @@ def plot(rows: list[dict], path: Path, unit: str) -> None:
 
 
 def settings(args: argparse.Namespace) -> dict:
-    """What makes two runs of one (size, config, seed) comparable."""
+    """What makes two runs of one (size, config, seed) comparable (the evaluation batch size is not: held-out sums
+    differ by float rounding only)."""
     import torch
 
-    bf16 = args.bf16 == "true" or (args.bf16 == "auto" and torch.cuda.is_available())  # launch/train.py's rule
-    return {"task": args.task, "epochs": args.epochs, "micro_batch": MICRO_BATCH, "sharpness_examples": args.sharpness_examples,
-            "sharpness_rhos": args.sharpness_rhos, "model": args.model or "embedded", "bf16": bf16}
+    auto = torch.cuda.is_available() and torch.cuda.is_bf16_supported()  # TrainConfig.resolved's rule
+    bf16 = args.bf16 == "true" or (args.bf16 == "auto" and auto)
+    data = hashlib.sha256()
+    for name in ("train.jsonl", "eval.jsonl"):
+        data.update((TASKS[args.task][0] / name).read_bytes())
+    return {"task": args.task, "data_sha256": data.hexdigest()[:16], "epochs": args.epochs, "micro_batch": MICRO_BATCH,
+            "sharpness_examples": args.sharpness_examples, "sharpness_rhos": args.sharpness_rhos,
+            "model": args.model or "embedded", "bf16": bf16}
 
 
 def load_results(path: Path, wanted: dict) -> list[dict]:
@@ -208,7 +262,8 @@ def load_results(path: Path, wanted: dict) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="wordnet", choices=list(TASKS))
-    parser.add_argument("--sizes", default="8,16,32", help="training data sizes (per class for wordnet)")
+    parser.add_argument("--sizes", default="", help="training data sizes (default: wordnet 8,16,32 per class; "
+                        "quotes 64,128,256 quotations)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
     parser.add_argument("--epochs", type=float, default=3.0)
@@ -226,21 +281,25 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         parser.error(f"unknown config {unknown[0]!r}; one of: {', '.join(CONFIGS)}")
+    args.sizes = args.sizes or TASKS[args.task][2]
     args.out = args.out or ROOT / "benchmarks" / "results" / f"generalization_{args.task}.json"
     wanted = settings(args)
     runs = load_results(args.out, wanted)
     done = {(r["size"], r["config"], r["seed"]) for r in runs}
     plan = [(int(k), c, int(s)) for k in args.sizes.split(",") for c in configs for s in args.seeds.split(",")]
     todo = [p for p in plan if p not in done]
-    for size in {p[0] for p in todo}:
-        subset(args.task, size, args.work)  # written once, before runs share it
+    for size in {p[0] for p in todo}:  # written afresh from the data, once, before runs share it
+        (args.work / args.task / f"train_{size}.jsonl").unlink(missing_ok=True)
+        subset(args.task, size, args.work)
     lock = threading.Lock()
 
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         ordered = sorted(runs, key=lambda r: (r["size"], list(CONFIGS).index(r["config"]), r["seed"]))
-        args.out.write_text(json.dumps({"settings": wanted, "runs": ordered, "summary": summarise(ordered)},
-                                       indent=1) + "\n")
+        partial = args.out.with_suffix(".partial")
+        partial.write_text(json.dumps({"settings": wanted, "runs": ordered, "summary": summarise(ordered),
+                                       "paired_vs_lora": paired_vs_lora(ordered)}, indent=1) + "\n")
+        os.replace(partial, args.out)  # never a half-written results file
 
     def one(i: int) -> None:
         size, config, seed = todo[i]
@@ -255,8 +314,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(plan) - len(todo)} of {len(plan)} runs already in {args.out}", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(one, range(len(todo))))
-    rows = summarise([r for r in runs if (r["size"], r["config"], r["seed"]) in set(plan)])
-    print(table(rows, TASKS[args.task][1]))
+    save()  # the summaries as this version of the script computes them
+    mine = [r for r in runs if (r["size"], r["config"], r["seed"]) in set(plan)]
+    print(table(summarise(mine), TASKS[args.task][1]))
+    paired = paired_vs_lora(mine)
+    if paired:
+        print("\n" + paired_table(paired, TASKS[args.task][1]))
     if args.plot:
         plot(summarise(runs), args.plot, TASKS[args.task][1])
 

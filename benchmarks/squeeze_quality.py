@@ -5,9 +5,9 @@ across the three compressions of in-training annealing.
     python benchmarks/squeeze_quality.py [--seeds 0 1 2] [--source 16] [--target 4]
 
 Every run is `launch/train.py` on the embedded default (Bi-LoRA, one epoch); the held-out accuracy and
-loss after training (after the last compression) are read from its metrics.jsonl. Finished runs are
-kept in the results file and skipped when the study is run again. Writes the table to stdout and
-docs/squeeze_quality.{md,png}.
+loss after training (after the last compression) are read from its metrics.jsonl; the table gives the mean and
+the standard error over seeds. Finished runs are kept in the results file and skipped when the study is run
+again. Writes the table to stdout and docs/squeeze_quality.{md,png}.
 """
 
 from __future__ import annotations
@@ -50,13 +50,19 @@ def run_one(flags: list[str], seed: int) -> dict:
             "rank": trained[-1]["rank"], "kept_energy": [r["kept_energy"] for r in rows if "kept_energy" in r]}
 
 
-def summarize(results: dict[str, dict[str, dict]]) -> list[tuple[str, int, float, float, float, float]]:
+def standard_error(values: list[float]) -> float:
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+
+
+def summarize(results: dict[str, dict[str, dict]]) -> list[tuple[str, int, float, float, float, float, list[float]]]:
+    """(label, seeds, accuracy mean, s.e., loss mean, s.e., mean kept energy per compression) per configuration."""
     table = []
     for label, by_seed in results.items():
         acc = [r["accuracy"] for r in by_seed.values()]
         loss = [r["eval_loss"] for r in by_seed.values()]
-        spread = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
-        table.append((label, len(acc), statistics.mean(acc), spread(acc), statistics.mean(loss), spread(loss)))
+        energy = [statistics.mean(e) for e in zip(*(r["kept_energy"] for r in by_seed.values()))]
+        table.append((label, len(acc), statistics.mean(acc), standard_error(acc), statistics.mean(loss),
+                      standard_error(loss), energy))
     return table
 
 
@@ -68,11 +74,11 @@ def plot(table: list, path: Path) -> None:
 
     labels = [t[0] for t in table]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (mean, std, title) in zip(axes, ((2, 3, "held-out accuracy"), (4, 5, "held-out loss"))):
-        ax.bar(range(len(table)), [t[mean] for t in table], yerr=[t[std] for t in table], capsize=4,
+    for ax, (mean, err, title) in zip(axes, ((2, 3, "held-out accuracy"), (4, 5, "held-out loss"))):
+        ax.bar(range(len(table)), [t[mean] for t in table], yerr=[t[err] for t in table], capsize=4,
                color=["#888888"] + ["#4477aa"] * (len(table) - 1))
         ax.set_xticks(range(len(table)), labels, rotation=30, ha="right", fontsize=8)
-        ax.set_title(f"{title} (mean ± sd over {table[0][1]} seeds)")
+        ax.set_title(f"{title} (mean ± s.e. over {table[0][1]} seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -96,8 +102,10 @@ def main() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results, indent=2))
     table = summarize(results)
-    lines = ["| configuration | seeds | accuracy | eval loss |", "|---|---|---|---|"]
-    lines += [f"| {t[0]} | {t[1]} | {t[2]:.3f} ± {t[3]:.3f} | {t[4]:.3f} ± {t[5]:.3f} |" for t in table]
+    lines = ["| configuration | seeds | accuracy | held-out loss | mean kept energy per compression |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {t[0]} | {t[1]} | {t[2]:.3f} ± {t[3]:.3f} | {t[4]:.3f} ± {t[5]:.3f} | "
+              f"{', '.join(f'{e:.3f}' for e in t[6]) or '—'} |" for t in table]
     print("\n".join(lines))
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)

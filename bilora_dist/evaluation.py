@@ -52,7 +52,8 @@ def choice_task(data: Prepared, tokenizer: Any, seq_len: int) -> ChoiceTask | No
 def rank_share(lengths: Sequence[int], engine: Engine, batch_size: int) -> list[list[int]]:
     """This rank's eval batches of indices into `lengths`, sequences of similar length together: the indices in
     length order, dealt rank::world, padded with -1 so every rank runs the same count of forward passes
-    (sharded engines gather weights collectively inside forward). Sums over the set do not depend on order."""
+    (sharded engines gather weights collectively inside forward). The order changes sums over the set by float
+    rounding only."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     mine = order[engine.rank::engine.world_size]
     per_rank = -(-len(lengths) // engine.world_size)
@@ -64,8 +65,9 @@ def held_out_batches(examples: Sequence[Any], engine: Engine, batch_size: int, p
     """This rank's share of `examples` as collated batches on its device; the rows that only even out the
     ranks' counts of forward passes have no targets."""
     lengths = [len(ids_and_labels(e)[0]) for e in examples]
+    filler = min(range(len(lengths)), key=lengths.__getitem__)  # the shortest: widens no batch
     for idx in rank_share(lengths, engine, batch_size):
-        batch = collate([examples[max(i, 0)] for i in idx], pad_id)
+        batch = collate([examples[i if i >= 0 else filler] for i in idx], pad_id)
         batch["labels"][[i < 0 for i in idx]] = IGNORE
         yield to_device(batch, engine.device)
 
@@ -84,8 +86,10 @@ def evaluate(model: nn.Module, bank: AdapterBank, examples: Sequence[Any], task:
             totals[1] += tokens
         if task is not None:
             cand = torch.tensor(task.candidate_ids, device=engine.device)
-            for idx in rank_share([len(p.input_ids) for p in task.prompts], engine, batch_size):
-                batch = to_device(collate([task.prompts[max(i, 0)] for i in idx], pad_id), engine.device)
+            lengths = [len(p.input_ids) for p in task.prompts]
+            filler = min(range(len(lengths)), key=lengths.__getitem__)
+            for idx in rank_share(lengths, engine, batch_size):
+                batch = to_device(collate([task.prompts[i if i >= 0 else filler] for i in idx], pad_id), engine.device)
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                position_ids=batch["position_ids"], logits_to_keep=1, use_cache=False).logits
                 pred = logits[:, -1, cand].argmax(-1)

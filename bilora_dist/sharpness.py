@@ -325,6 +325,7 @@ def parse_rhos(text: str) -> list[float]:
 
 
 def parse_measures(text: str) -> tuple[str, ...]:
+    """The measures named in --measure, in MEASURES order."""
     measures = tuple(m.strip() for m in text.split(",") if m.strip())
     unknown = [m for m in measures if m not in MEASURES]
     if unknown or not measures:
@@ -332,16 +333,15 @@ def parse_measures(text: str) -> tuple[str, ...]:
     return tuple(m for m in MEASURES if m in measures)
 
 
-def _check_args(args: argparse.Namespace) -> list[float]:
-    rhos = parse_rhos(args.rho)
-    parse_measures(args.measure)
+def _check_args(args: argparse.Namespace) -> tuple[list[float], tuple[str, ...]]:
+    rhos, measures = parse_rhos(args.rho), parse_measures(args.measure)
     for flag, value, least in (("--draws", args.draws, 1), ("--adv-steps", args.adv_steps, 1),
                                ("--batch-size", args.batch_size, 1), ("--max-examples", args.max_examples, 0)):
         if value < least:
             raise UserError(f"{flag} must be >= {least}, got {value}")
     if not args.adapter.is_dir():
         raise UserError(f"--adapter {args.adapter}: no such directory")
-    return rhos
+    return rhos, measures
 
 
 def _load(args: argparse.Namespace, base_model: str, loaded: Branch):
@@ -391,7 +391,7 @@ def sharpness_main(argv: list[str]) -> None:
     from bilora_dist.squeeze.peft_io import read_peft_adapter
 
     args = _parser().parse_args(argv)
-    rhos = _check_args(args)
+    rhos, measures = _check_args(args)
     loaded, config = read_peft_adapter(args.adapter)
     base_model = args.model or config.get("base_model_name_or_path") or ""
     if not base_model:
@@ -406,7 +406,7 @@ def sharpness_main(argv: list[str]) -> None:
                 f"{probe.delta.flat.numel():,} adapted weights, {len(examples)} examples, rho {rhos}")
     report = {"adapter": str(args.adapter), "model": base_model, "data": args.data, "examples": len(examples),
               "engine": engine.name, "world_size": engine.world_size,
-              **probe_sharpness(probe, rhos, args.draws, args.adv_steps, args.seed, parse_measures(args.measure))}
+              **probe_sharpness(probe, rhos, args.draws, args.adv_steps, args.seed, measures)}
     if engine.is_main:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -54,7 +54,10 @@ def test_study_runs_resumes_and_summarises(tiny_model_dir, tmp_path, capsys):
     assert metrics.stat().st_mtime_ns == stamp
     assert "| 1 | bilora rho 0.05 | 2 | 3 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="other settings"):  # runs of another step budget are not mixed in
-        generalization.main([*argv, "--seeds", "2", "--epochs", "2"])
+        generalization.main([*argv, "--seeds", "0", "--epochs", "2"])
+    # in another results file they run, over what the first study left in the same --work
+    generalization.main([*argv, "--seeds", "0", "--epochs", "2", "--out", str(tmp_path / "two_epochs.json")])
+    assert [r["steps"] for r in json.loads((tmp_path / "two_epochs.json").read_text())["runs"]] == [6]
 
 
 def test_a_task_without_classes_reports_held_out_loss(tiny_model_dir, tmp_path, capsys):
@@ -64,3 +67,18 @@ def test_a_task_without_classes_reports_held_out_loss(tiny_model_dir, tmp_path, 
     (run,) = json.loads((tmp_path / "quotes.json").read_text())["runs"]
     assert run["accuracy"] is None and run["eval_loss"] > 0 and run["steps"] == 1
     assert "| 8 | lora | 1 | 1 | — |" in capsys.readouterr().out
+
+
+def test_differences_to_lora_are_paired_by_size_and_seed():
+    def run(config, seed, accuracy, sharp, size=8):
+        return {"size": size, "config": config, "seed": seed, "steps": 3, "accuracy": accuracy, "eval_loss": 1.0,
+                "sharpness": {"0.05": {"adversarial": sharp}}}
+
+    runs = [run("lora", 0, 0.50, 0.30), run("lora", 1, 0.70, 0.20), run("bilora rho 0.05", 0, 0.52, 0.25),
+            run("bilora rho 0.05", 1, 0.71, 0.18), run("bilora rho 0.05", 2, 0.90, 0.10),  # seed 2: no lora pair
+            run("lora", 0, 0.10, 0.90, size=16)]
+    (row,) = generalization.paired_vs_lora(runs)
+    assert (row["size"], row["config"], row["seeds"]) == (8, "bilora rho 0.05", 2)
+    assert row["accuracy"] == pytest.approx((0.015, 0.005))  # differences 0.02 and 0.01
+    assert row["adversarial"]["0.05"] == pytest.approx((-0.035, 0.015))  # -0.05 and -0.02
+    assert row["eval_loss"] == (0.0, 0.0)
