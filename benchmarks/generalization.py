@@ -166,31 +166,22 @@ def paired_vs_lora(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def paired_table(rows: list[dict], unit: str) -> str:
+def table(rows: list[dict], unit: str, paired: bool = False) -> str:
+    """Markdown table of `summarise` rows, or with `paired` of `paired_vs_lora` rows (signed, no steps column)."""
     rhos = list(rows[0]["adversarial"]) if rows else []
-    head = f"| {unit} | config − lora, same seed | seeds | accuracy (points) | held-out loss | " + " | ".join(
-        f"adv. sharpness rho {rho}" for rho in rhos) + " |"
-    lines = [head, "|" + "---|" * (5 + len(rhos))]
+    sign = "+" if paired else ""
+    middle = ("config − lora, same seed | seeds | accuracy (points)" if paired
+              else "config | seeds | steps | accuracy %")
+    head = f"| {unit} | {middle} | held-out loss | " + " | ".join(f"adv. sharpness rho {rho}" for rho in rhos) + " |"
+    lines = [head, "|" + "---|" * (5 + (not paired) + len(rhos))]
     for r in rows:
         acc, loss = r["accuracy"], r["eval_loss"]
-        accuracy = f"{100 * acc[0]:+.1f} ± {100 * acc[1]:.1f}" if acc else "—"
-        lines.append(f"| {r['size']} | {r['config']} | {r['seeds']} | {accuracy} | {loss[0]:+.3f} ± {loss[1]:.3f} | "
-                     + " | ".join(f"{r['adversarial'][rho][0]:+.4f} ± {r['adversarial'][rho][1]:.4f}"
-                                  for rho in rhos) + " |")
-    return "\n".join(lines)
-
-
-def table(rows: list[dict], unit: str) -> str:
-    rhos = list(rows[0]["adversarial"]) if rows else []
-    head = f"| {unit} | config | seeds | steps | accuracy % | held-out loss | " + " | ".join(
-        f"adv. sharpness rho {rho}" for rho in rhos) + " |"
-    lines = [head, "|" + "---|" * (6 + len(rhos))]
-    for r in rows:
-        acc, loss = r["accuracy"], r["eval_loss"]
-        accuracy = f"{100 * acc[0]:.1f} ± {100 * acc[1]:.1f}" if acc else "—"
-        lines.append(f"| {r['size']} | {r['config']} | {r['seeds']} | {r['steps']} | {accuracy} | "
-                     f"{loss[0]:.3f} ± {loss[1]:.3f} | " + " | ".join(
-                         f"{r['adversarial'][rho][0]:.4f} ± {r['adversarial'][rho][1]:.4f}" for rho in rhos) + " |")
+        accuracy = f"{100 * acc[0]:{sign}.1f} ± {100 * acc[1]:.1f}" if acc else "—"
+        steps = "" if paired else f"{r['steps']} | "
+        lines.append(f"| {r['size']} | {r['config']} | {r['seeds']} | {steps}{accuracy} | "
+                     f"{loss[0]:{sign}.3f} ± {loss[1]:.3f} | " + " | ".join(
+                         f"{r['adversarial'][rho][0]:{sign}.4f} ± {r['adversarial'][rho][1]:.4f}"
+                         for rho in rhos) + " |")
     return "\n".join(lines)
 
 
@@ -319,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table(summarise(mine), TASKS[args.task][1]))
     paired = paired_vs_lora(mine)
     if paired:
-        print("\n" + paired_table(paired, TASKS[args.task][1]))
+        print("\n" + table(paired, TASKS[args.task][1], paired=True))
     if args.plot:
         plot(summarise(runs), args.plot, TASKS[args.task][1])
 

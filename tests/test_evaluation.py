@@ -5,13 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.nn import functional as F
-from transformers import AutoModelForCausalLM
 
-from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.data import IGNORE, Example
 from bilora_dist.engines.base import Engine
 from bilora_dist.evaluation import ChoiceTask, evaluate, rank_share
-from tests_support import tiny_llama_config
+from tests_support import random_adapted_model, tiny_llama_config
 
 VOCAB = 61
 LABELS = [5, 9, 17]  # single-token class labels
@@ -34,21 +32,11 @@ def test_rank_share_deals_every_index_once_in_length_order(world_size):
         assert [lengths[i] for i in mine] == sorted(lengths[i] for i in mine)
 
 
-def adapted_model():
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_llama_config(VOCAB)).float().requires_grad_(False)
-    bank = build_bank(layer_shapes(model, select_targets(model, "all-linear")), 4, 8.0, 2, 1.0, 0)
-    with torch.no_grad():
-        for branch in bank.branches():
-            branch.flat.normal_(0, 0.1)
-    inject(model, bank)
-    return model.eval(), bank
-
-
 def test_evaluate_equals_one_example_at_a_time():
     """Loss over the set and accuracy from batches of mixed lengths (left padding, sorted, a short last batch)
     against each example alone, unpadded, with every position's logits and F.cross_entropy."""
-    model, bank = adapted_model()
+    model, bank = random_adapted_model(tiny_llama_config(VOCAB))
+    model.eval()
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(20, VOCAB, (n,), generator=gen).tolist() for n in (6, 13, 4, 9, 9, 2, 15, 7, 11)]
     gold = [int(torch.randint(0, len(LABELS), (), generator=gen)) for _ in prompts]

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, Pretr
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.data import IGNORE, Example, collate
 from bilora_dist.loss import attach_head_loss, token_loss_sum
-from tests_support import relative_error, tiny_llama_config
+from tests_support import random_adapted_model, relative_error, tiny_llama_config
 
 VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -37,14 +37,7 @@ def config(arch: str) -> PretrainedConfig:
 
 def adapted(arch: str):
     """A random frozen model of `arch` with a Bi-LoRA bank of random (nonzero) factors injected."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config(arch)).float().requires_grad_(False)
-    bank = build_bank(layer_shapes(model, select_targets(model, "all-linear")), 4, 8.0, 2, 1.0, 0)
-    with torch.no_grad():
-        for branch in bank.branches():
-            branch.flat.normal_(0, 0.1)
-    inject(model, bank)
-    return model, bank
+    return random_adapted_model(config(arch))
 
 
 def batch() -> dict:

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
+from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.adapters.bank import AdapterBank, Branch, LayerShape
 from bilora_dist.checkpoint import save_checkpoint
 from bilora_dist.engines.base import Engine
@@ -91,6 +92,18 @@ def tiny_llama_config(vocab_size: int) -> LlamaConfig:
     return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                        tie_word_embeddings=True)
+
+
+def random_adapted_model(config: PretrainedConfig) -> tuple[torch.nn.Module, AdapterBank]:
+    """A random frozen fp32 model of `config` with a Bi-LoRA bank of random (nonzero) factors injected."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().requires_grad_(False)
+    bank = build_bank(layer_shapes(model, select_targets(model, "all-linear")), 4, 8.0, 2, 1.0, 0)
+    with torch.no_grad():
+        for branch in bank.branches():
+            branch.flat.normal_(0, 0.1)
+    inject(model, bank)
+    return model, bank
 
 
 def random_branch(seed: int = 7) -> Branch:
