@@ -288,7 +288,7 @@ def plot_sharpness(report: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="launch/sharpness.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--adapter", type=Path, required=True, help="PEFT LoRA adapter directory (as training writes it)")
     p.add_argument("--data", required=True, help="data to measure the loss on (any --data form of launch/train.py)")
@@ -344,7 +344,7 @@ def _check_args(args: argparse.Namespace) -> tuple[list[float], tuple[str, ...]]
     return rhos, measures
 
 
-def _load(args: argparse.Namespace, base_model: str, loaded: Branch):
+def load_adapted(args: argparse.Namespace, base_model: str, loaded: Branch):
     """(engine, model directory, base model with the adapter hooked in and wrapped, its bank, data), through the
     trainer's stages: the bank built over the adapter's layers gets the adapter's factors before wrapping."""
     from bilora_dist.config import TrainConfig, validate
@@ -390,14 +390,14 @@ def sharpness_main(argv: list[str]) -> None:
     from bilora_dist.loop import say
     from bilora_dist.squeeze.peft_io import read_peft_adapter
 
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     rhos, measures = _check_args(args)
     loaded, config = read_peft_adapter(args.adapter)
     base_model = args.model or config.get("base_model_name_or_path") or ""
     if not base_model:
         raise UserError(f"--adapter {args.adapter} names no base model: pass --model")
     hf_logging.disable_progress_bar()
-    engine, model_path, model, bank, data = _load(args, base_model, loaded)
+    engine, model_path, model, bank, data = load_adapted(args, base_model, loaded)
     examples = data.eval_set
     if args.max_examples and args.max_examples < len(examples):
         examples = examples.select(range(args.max_examples))
