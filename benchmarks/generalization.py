@@ -24,9 +24,9 @@ Every finished run is added to `--out` at once (with the settings it ran under) 
 study can be run in parts (`--sizes`, `--seeds`, `--configs`), one part after another, and resumed; a results file
 made under other settings is refused rather than mixed. `--jobs 2` runs two at a time, one CPU thread each.
 `--out` holds every run and the mean and standard error per size and configuration; a markdown table goes to
-stdout; `--plot` draws accuracy (wordnet) or held-out loss (quotes) against data size, and the adversarial
-sharpness against rho. Run directories (adapters, metrics) go under `--work`; a run missing from `--out` is
-trained again from scratch.
+stdout; `--plot` draws accuracy (wordnet) or held-out loss (quotes) against data size, its difference to lora
+paired by seed, and the adversarial sharpness against rho. Run directories (adapters, metrics) go under `--work`;
+a run missing from `--out` is trained again from scratch.
 """
 
 from __future__ import annotations
@@ -185,34 +185,45 @@ def table(rows: list[dict], unit: str, paired: bool = False) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, unit: str) -> None:
-    """Two panels: held-out accuracy (or loss, for a task without classes) against data size, and adversarial
-    sharpness against rho at the smallest size; one line per configuration, mean ± s.e. over seeds."""
+def plot(rows: list[dict], paired: list[dict], path: Path, unit: str) -> None:
+    """Three panels, one line per configuration, mean ± s.e. over seeds: held-out accuracy (or loss, for a task
+    without classes) against data size; its difference to lora paired by seed, against data size, with the
+    +0.5-point target of a classification task; adversarial sharpness against rho at the smallest size."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.2))
     smallest = min(r["size"] for r in rows)
     key, scale, label = ("accuracy", 100, "held-out accuracy (%)") if rows[0]["accuracy"] else (
         "eval_loss", 1, "held-out loss (nats per token)")
     for i, config in enumerate(CONFIGS):
-        points = [r for r in rows if r["config"] == config]
-        if not points:
-            continue
         shift = 2 ** (0.03 * (i - len(CONFIGS) / 2))  # side by side at each size
-        left.errorbar([r["size"] * shift for r in points], [scale * r[key][0] for r in points],
-                      yerr=[scale * r[key][1] for r in points], marker="o", capsize=3, label=config)
-        first = next((r for r in points if r["size"] == smallest), None)
+        for axis, source in ((left, rows), (middle, paired)):
+            points = [r for r in source if r["config"] == config]
+            if points:
+                axis.errorbar([r["size"] * shift for r in points], [scale * r[key][0] for r in points],
+                              yerr=[scale * r[key][1] for r in points], marker="o", capsize=3, label=config,
+                              color=f"C{i}")
+        first = next((r for r in rows if r["config"] == config and r["size"] == smallest), None)
         if first:
             rhos = sorted(first["adversarial"], key=float)
             right.errorbar([float(rho) for rho in rhos], [first["adversarial"][rho][0] for rho in rhos],
-                           yerr=[first["adversarial"][rho][1] for rho in rhos], marker="o", capsize=3, label=config)
-    left.set_xscale("log", base=2)
-    left.set_xlabel(unit)
+                           yerr=[first["adversarial"][rho][1] for rho in rhos], marker="o", capsize=3, label=config,
+                           color=f"C{i}")
+    middle.axhline(0, color="C0", linewidth=1)
+    if key == "accuracy":
+        middle.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="target: lora + 0.5 points")
+    sizes = sorted({r["size"] for r in rows})
+    for axis in (left, middle):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(sizes, [str(size) for size in sizes])
+        axis.minorticks_off()
+        axis.set_xlabel(unit)
+        axis.legend(fontsize=8)
     left.set_ylabel(f"{label}, mean ± s.e.")
-    left.legend(fontsize=8)
+    middle.set_ylabel("minus lora, same seed" + (" (points)" if key == "accuracy" else ""))
     right.set_xscale("log")
     right.set_yscale("log")
     right.set_xlabel("ρ (Frobenius radius of the weight perturbation)")
@@ -312,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     if paired:
         print("\n" + table(paired, TASKS[args.task][1], paired=True))
     if args.plot:
-        plot(summarise(runs), args.plot, TASKS[args.task][1])
+        plot(summarise(runs), paired_vs_lora(runs), args.plot, TASKS[args.task][1])
 
 
 if __name__ == "__main__":
