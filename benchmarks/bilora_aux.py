@@ -99,7 +99,7 @@ def measure(run: Path, args: argparse.Namespace) -> dict:
 
 def mean_se(values: list[float]) -> str:
     se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):+.4f} ± {se:.4f}"
+    return f"{statistics.fmean(values):+.5f} ± {se:.5f}"
 
 
 def summarise(rows: list[dict]) -> list[dict]:
