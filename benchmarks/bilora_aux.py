@@ -33,16 +33,27 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bilora_dist.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
+from bilora_dist.adapters.bank import Branch  # noqa: E402
+from bilora_dist.checkpoint import Checkpoint, list_checkpoints, load_checkpoint  # noqa: E402
 from bilora_dist.sharpness import (Probe, adversarial_increases, build_parser, load_adapted,  # noqa: E402
                                   random_increases)
 from bilora_dist.squeeze.peft_io import read_peft_adapter  # noqa: E402
 
 
+def last_checkpoint(run: Path) -> Checkpoint:
+    """The run's newest checkpoint, which must hold an auxiliary branch (a Bi-LoRA run)."""
+    found = list_checkpoints(run / "checkpoints")
+    if not found:
+        raise SystemExit(f"error: {run}: no checkpoint under {run / 'checkpoints'}")
+    checkpoint = load_checkpoint(found[0])
+    if "aux" not in checkpoint.branches:
+        raise SystemExit(f"error: {run}: its checkpoint has no auxiliary branch (not a Bi-LoRA run)")
+    return checkpoint
+
+
 @torch.no_grad()
-def dense_aux(checkpoint: Path, names: list[str]) -> torch.Tensor:
-    """The checkpoint's auxiliary E_j = s2 B2_j A2_j, flattened and concatenated in the order of `names`."""
-    aux = load_checkpoint(checkpoint).branches["aux"]
+def dense_aux(aux: Branch, names: list[str]) -> torch.Tensor:
+    """The auxiliary's E_j = s2 B2_j A2_j, flattened and concatenated in the order of `names`."""
     index = {s.name: i for i, s in enumerate(aux.shapes)}
     parts = []
     for name in names:
@@ -71,6 +82,7 @@ def loss_gap(run: Path) -> dict[str, float] | None:
 
 def measure(run: Path, args: argparse.Namespace) -> dict:
     """The report of one run (see the module's docstring)."""
+    checkpoint = last_checkpoint(run)
     cfg = yaml.safe_load((run / "train_config.yaml").read_text())
     loaded, adapter_cfg = read_peft_adapter(run / "adapter")
     probe_args = build_parser().parse_args(["--adapter", str(run / "adapter"), "--data", cfg["data"], "--data-cache",
@@ -79,8 +91,7 @@ def measure(run: Path, args: argparse.Namespace) -> dict:
     engine, _, model, bank, data = load_adapted(probe_args, adapter_cfg["base_model_name_or_path"], loaded)
     examples = data.eval_set.select(range(min(args.max_examples, len(data.eval_set))))
     probe = Probe(model, bank, examples, engine, args.batch_size, data.pad_id)
-    checkpoint = list_checkpoints(run / "checkpoints")[0]
-    E = dense_aux(checkpoint, [s.name for s in bank.shapes]).to(engine.device)
+    E = dense_aux(checkpoint.branches["aux"], [s.name for s in bank.shapes]).to(engine.device)
     radius = float(E.norm())
     base = probe.loss()
     with probe.delta.attached(model):
@@ -91,7 +102,7 @@ def measure(run: Path, args: argparse.Namespace) -> dict:
     adversarial, grad_norm = adversarial_increases(probe, [radius], args.adv_steps, base)
     random = [row[0] for row in random_increases(probe, [radius], args.draws, 0, base)]
     engine.close()
-    return {"run": str(run), "rho": cfg["rho"], "checkpoint_step": int(checkpoint.name.split("_")[1]),
+    return {"run": str(run), "rho": cfg["rho"], "checkpoint_step": checkpoint.step,
             "examples": len(examples), "radius": radius, "base_loss": base, "aux": aux,
             "adversarial": adversarial[0], "random_mean": statistics.fmean(random),
             "cosine": float(E @ g) / (radius * grad_norm), "grad_norm": grad_norm, "train_loss_gap": loss_gap(run)}

@@ -119,3 +119,12 @@ def test_runs_already_measured_are_read_back(measured, monkeypatch, capsys):
     bilora_aux.main([str(run), "--max-examples", str(EXAMPLES), "--draws", "2", "--out", str(out)])
     assert json.loads(out.read_text())["runs"] == [report]
     assert "| 0.05 | 1 |" in capsys.readouterr().out
+
+
+def test_a_run_without_an_auxiliary_is_refused_in_one_line(measured, tmp_path):
+    run, _, _ = measured
+    with pytest.raises(SystemExit, match="no auxiliary branch"):
+        bilora_aux.main([str(run.parents[1] / "lora" / "seed0"), "--out", str(tmp_path / "aux.json")])
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        bilora_aux.main([str(tmp_path), "--out", str(tmp_path / "aux.json")])
+    assert not (tmp_path / "aux.json").exists()
