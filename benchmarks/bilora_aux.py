@@ -39,6 +39,9 @@ from bilora_dist.sharpness import (Probe, adversarial_increases, build_parser, l
                                   random_increases)
 from bilora_dist.squeeze.peft_io import read_peft_adapter  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import generalization  # noqa: E402  (its mean and standard error)
+
 
 def last_checkpoint(run: Path) -> Checkpoint:
     """The run's newest checkpoint, which must hold an auxiliary branch (a Bi-LoRA run)."""
@@ -109,8 +112,9 @@ def measure(run: Path, args: argparse.Namespace) -> dict:
 
 
 def mean_se(values: list[float]) -> str:
-    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):+.5f} ± {se:.5f}"
+    """generalization.mean_se as signed text."""
+    mean, se = generalization.mean_se(values)
+    return f"{mean:+.5f} ± {se:.5f}"
 
 
 def summarise(rows: list[dict]) -> list[dict]:
