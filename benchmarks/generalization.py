@@ -169,7 +169,7 @@ def paired_vs_lora(runs: list[dict]) -> list[dict]:
 def table(rows: list[dict], unit: str, paired: bool = False) -> str:
     """Markdown table of `summarise` rows, or with `paired` of `paired_vs_lora` rows (signed, no steps column)."""
     rhos = list(rows[0]["adversarial"]) if rows else []
-    sign = "+" if paired else ""
+    sign, places = ("+", 4) if paired else ("", 3)  # paired loss differences are often below 0.001
     middle = ("config − lora, same seed | seeds | accuracy (points)" if paired
               else "config | seeds | steps | accuracy %")
     head = f"| {unit} | {middle} | held-out loss | " + " | ".join(f"adv. sharpness rho {rho}" for rho in rhos) + " |"
@@ -179,7 +179,7 @@ def table(rows: list[dict], unit: str, paired: bool = False) -> str:
         accuracy = f"{100 * acc[0]:{sign}.1f} ± {100 * acc[1]:.1f}" if acc else "—"
         steps = "" if paired else f"{r['steps']} | "
         lines.append(f"| {r['size']} | {r['config']} | {r['seeds']} | {steps}{accuracy} | "
-                     f"{loss[0]:{sign}.3f} ± {loss[1]:.3f} | " + " | ".join(
+                     f"{loss[0]:{sign}.{places}f} ± {loss[1]:.{places}f} | " + " | ".join(
                          f"{r['adversarial'][rho][0]:{sign}.4f} ± {r['adversarial'][rho][1]:.4f}"
                          for rho in rhos) + " |")
     return "\n".join(lines)
