@@ -87,8 +87,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _layout(branch: Branch) -> list[list[Any]]:
-    return [[s.name, s.in_features, s.out_features, r, sc] for s, r, sc in zip(branch.shapes, branch.ranks,
-                                                                                branch.scales)]
+    """Per layer [name, in, out, rank, scale], and the number of experts after them for a fused projection."""
+    return [[s.name, s.in_features, s.out_features, r, sc] + ([s.experts] if s.experts else [])
+            for s, r, sc in zip(branch.shapes, branch.ranks, branch.scales)]
 
 
 def _write(directory: Path, name: str, writer: Any) -> None:
@@ -210,8 +211,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
     with safe_open(str(path / "adapters.safetensors"), framework="pt") as f:
         layout = json.loads(f.metadata()["layout"])
         for name, rows in layout.items():
-            shapes = [LayerShape(n, i, o) for n, i, o, _, _ in rows]
-            branches[name] = Branch(shapes, [r for *_, r, _ in rows], [sc for *_, sc in rows], f.get_tensor(name))
+            shapes = [LayerShape(*row[:3], *row[5:]) for row in rows]
+            branches[name] = Branch(shapes, [row[3] for row in rows], [row[4] for row in rows], f.get_tensor(name))
     # onto the CPU whichever device saved them: each rank moves what it needs (optimizer.load_state_dict puts the
     # moments on their parameters' device; RNG states are CPU tensors), instead of every rank onto rank 0's GPU
     bundle = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")

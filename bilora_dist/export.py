@@ -1,4 +1,10 @@
-"""Writing the primary adapter as a Hugging Face PEFT LoRA adapter directory."""
+"""Writing the primary adapter as a Hugging Face PEFT LoRA adapter directory.
+
+A fused expert projection goes to PEFT's `target_parameters` layout (peft 0.21, `lora.ParamWrapper`):
+lora_A [r·E, in] stacks the experts' A_e, lora_B [out, r·E] holds B_e in columns k·E + e, and the projections
+of one experts module are nested wrappers, the first in the module's parameter order innermost
+(`experts.base_layer.lora_A` for gate_up_proj, `experts.lora_A` for down_proj).
+"""
 
 from __future__ import annotations
 
@@ -9,19 +15,48 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
+from torch import Tensor
 
 from bilora_dist.adapters.bank import Branch
+from bilora_dist.adapters.experts import PROJECTIONS
 
 PROVENANCE_FILE = "bilora_dist.json"
+
+
+def peft_module_paths(branch: Branch) -> list[str]:
+    """Per layer, the path of the PEFT module holding its lora_A / lora_B (a nested ParamWrapper's for a fused
+    expert projection: one `base_layer.` per projection of the same module that wraps it from outside)."""
+    projections: dict[str, list[str]] = {}
+    for shape in branch.shapes:
+        if shape.experts:
+            module, attr = shape.name.rsplit(".", 1)
+            projections.setdefault(module, []).append(attr)
+    paths = []
+    for shape in branch.shapes:
+        if not shape.experts:
+            paths.append(shape.name)
+            continue
+        module, attr = shape.name.rsplit(".", 1)
+        order = sorted(projections[module], key=PROJECTIONS.index)
+        paths.append(module + ".base_layer" * (len(order) - 1 - order.index(attr)))
+    return paths
+
+
+def peft_factors(branch: Branch, i: int) -> tuple[Tensor, Tensor]:
+    """Layer i's (lora_A, lora_B) as PEFT stores them (fused experts: [r·E, in] and [out, r·E])."""
+    A, B = (t.detach() for t in branch.factors(i))
+    if branch.shapes[i].experts:
+        return A.reshape(-1, A.shape[-1]), B.permute(1, 2, 0).reshape(B.shape[1], -1)
+    return A, B
 
 
 def peft_state_dict(branch: Branch) -> dict[str, Any]:
     """PEFT tensor names (adapter name stripped, as PEFT saves them) -> contiguous copies of the factors."""
     out = {}
-    for i, shape in enumerate(branch.shapes):
-        A, B = branch.factors(i)
-        out[f"base_model.model.{shape.name}.lora_A.weight"] = A.detach().clone().contiguous()
-        out[f"base_model.model.{shape.name}.lora_B.weight"] = B.detach().clone().contiguous()
+    for i, path in enumerate(peft_module_paths(branch)):
+        A, B = peft_factors(branch, i)
+        out[f"base_model.model.{path}.lora_A.weight"] = A.clone().contiguous()
+        out[f"base_model.model.{path}.lora_B.weight"] = B.clone().contiguous()
     return out
 
 
@@ -30,9 +65,9 @@ def copy_into_peft(peft_model: Any, branch: Branch, adapter: str = "default") ->
     import torch
 
     with torch.no_grad():
-        for i, shape in enumerate(branch.shapes):
-            A, B = branch.factors(i)
-            layer = peft_model.base_model.model.get_submodule(shape.name)
+        for i, path in enumerate(peft_module_paths(branch)):
+            A, B = peft_factors(branch, i)
+            layer = peft_model.base_model.model.get_submodule(path)
             layer.lora_A[adapter].weight.copy_(A)
             layer.lora_B[adapter].weight.copy_(B)
 
@@ -45,8 +80,10 @@ def peft_config(branch: Branch, target_modules: list[str], base_model: str) -> d
     rank_pattern = {f"^{s.name}$": k for s, k in zip(branch.shapes, ranks) if k != r}
     alpha_pattern = {f"^{s.name}$": sc * k for s, k, sc in zip(branch.shapes, ranks, branch.scales)
                      if abs(sc * k - alpha) > 1e-9 * alpha}
+    parameters = sorted(s.name for s in branch.shapes if s.experts)
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-            "r": r, "lora_alpha": alpha, "target_modules": target_modules, "lora_dropout": 0.0,
+            "r": r, "lora_alpha": alpha, "target_modules": target_modules or None,
+            "target_parameters": parameters or None, "lora_dropout": 0.0,
             "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
             "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}

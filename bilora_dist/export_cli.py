@@ -56,7 +56,7 @@ def _from_checkpoint(path: Path) -> ExportSource:
     checkpoint = load_checkpoint(path)
     config = yaml.safe_load((path / "config.yaml").read_text())
     branch = checkpoint.branches["primary"]
-    targets = peft_target_modules(config["target_modules"], [s.name for s in branch.shapes])
+    targets = peft_target_modules(config["target_modules"], [s.name for s in branch.shapes if not s.experts])
     provenance = {"method": config["method"], "rho": config["rho"], "rank": config["rank"],
                   "alpha": config["alpha"], "steps": checkpoint.step, "checkpoint": str(path),
                   "squeeze_history": checkpoint.state["squeeze_history"]}

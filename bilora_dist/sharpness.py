@@ -362,7 +362,7 @@ def load_adapted(args: argparse.Namespace, base_model: str, loaded: Branch):
     engine = make_engine(cfg)
     model_path = resolve_model_once(cfg, engine)
     data = prepare_data(cfg, engine, model_path)
-    model, bank, _ = build_model_and_adapters(cfg, engine, model_path)
+    model, bank = build_model_and_adapters(cfg, engine, model_path)
     bank.replace_branch("primary", _adapter_branch(loaded, bank, args.adapter, base_model).to(engine.device))
     return engine, model_path, attach_and_wrap(cfg, engine, model, bank), bank, data
 

@@ -17,7 +17,7 @@ import torch
 
 from bilora_dist.activations import meta_bank
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
-from bilora_dist.adapters.bank import AdapterBank
+from bilora_dist.adapters.bank import AdapterBank, LayerShape
 from bilora_dist.adapters.inject import check_rank, peft_target_modules
 from bilora_dist.checkpoint import (Checkpoint, check_compatible, check_step_budget, checkpoints_dir, find_checkpoint,
                                     load_checkpoint, read_state, restore_bank)
@@ -57,7 +57,7 @@ def dry_run(cfg: TrainConfig) -> str:
     ranks = cfg.rank + (cfg.aux_rank if cfg.method == "bilora" else 0)
     if cfg.method == "bilora":
         check_rank(shapes, cfg.aux_rank, "--aux-rank")
-    adapter_numel = sum(ranks * (s.in_features + s.out_features) for s in shapes)
+    adapter_numel = sum(s.numel(ranks) for s in shapes)
     bank = meta_bank(shapes, cfg.rank, cfg.aux_rank if cfg.method == "bilora" else None)
     transients = micro_batch_transients(model, bank, cfg.micro_batch_size, cfg.seq_len, cfg.gradient_checkpointing,
                                         cfg.loss_chunk, cfg.attn_implementation, cfg.quantize == "4bit")
@@ -66,7 +66,7 @@ def dry_run(cfg: TrainConfig) -> str:
                         cfg.quantize == "4bit", transients)
     header = (f"memory plan: {cfg.model or 'embedded default'}, {kind} on {world} rank(s), "
               f"{sum(p.numel() for p in model.parameters()):,} base params ({cfg.dtype}, quantize {cfg.quantize}), "
-              f"{len(shapes)} adapted layers, {adapter_numel:,} adapter params ({cfg.method}); micro-batch "
+              f"{describe_layers(shapes)}, {adapter_numel:,} adapter params ({cfg.method}); micro-batch "
               f"{cfg.micro_batch_size} x {cfg.seq_len} tokens, gradient checkpointing "
               f"{'on' if cfg.gradient_checkpointing else 'off'}, loss chunk {cfg.loss_chunk or 'all'}")
     return format_plan(plans, header) + "\n" + json.dumps({"engine": kind, "world_size": world,
@@ -116,7 +116,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     resume_from = _resume_point(cfg, out, engine)
     data = prepare_data(cfg, engine, model_path)
-    model, bank, names = build_model_and_adapters(cfg, engine, model_path)
+    model, bank = build_model_and_adapters(cfg, engine, model_path)
     budget = Budget.of(cfg, engine.world_size, len(data.train_set))
     squeeze = parse_squeeze(cfg.squeeze, budget.total_steps, cfg.rank, cfg.squeeze_min_stage,
                             cfg.squeeze_ranks) if cfg.squeeze else None
@@ -125,7 +125,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
     open_output_dir(cfg, engine, out, checkpoint)  # every input is valid from here on
     model = attach_and_wrap(cfg, engine, model, bank)
     loop = TrainingLoop(cfg, engine, model, bank, data, budget, squeeze, out, checkpoint, run_identity(cfg))
-    announce(cfg, loop, model_path, len(names))
+    announce(cfg, loop, model_path)
     before = None if checkpoint or cfg.eval_on_start == "false" else loop.evaluate(0)
     if before:
         say(engine, f"before training: {before}")
@@ -133,17 +133,29 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
     if stopped_at is not None:
         result = {"before": before, "after": None, "steps": budget.total_steps, "stopped_at": stopped_at}
     else:
-        after = finish(cfg, loop, model_path, names, resume_from)
+        after = finish(cfg, loop, model_path, resume_from)
         result = {"before": before, "after": after, "steps": budget.total_steps}
     loop.log.close()
     engine.close()
     return result
 
 
-def announce(cfg: TrainConfig, loop: TrainingLoop, model_path: str, n_layers: int) -> None:
-    """One line: method, model, adapter sizes, engine, global batch and step count."""
+def describe_layers(shapes: list[LayerShape]) -> str:
+    """What is adapted, e.g. `8 adapted layers (8 attention, 0 dense), 4 expert tensors (x 4 experts)`."""
+    linear = [s for s in shapes if not s.experts]
+    attention = sum(".self_attn." in s.name or ".attn." in s.name or ".attention." in s.name for s in linear)
+    text = f"{len(linear)} adapted layers ({attention} attention, {len(linear) - attention} dense)"
+    experts = [s for s in shapes if s.experts]
+    if experts:
+        counts = "/".join(str(e) for e in sorted({s.experts for s in experts}))
+        text += f", {len(experts)} expert tensors (x {counts} experts)"
+    return text
+
+
+def announce(cfg: TrainConfig, loop: TrainingLoop, model_path: str) -> None:
+    """One line: method, model, what is adapted, adapter sizes, engine, global batch and step count."""
     engine, bank, budget = loop.engine, loop.bank, loop.budget
-    say(engine, f"{cfg.method} on {model_path}: {n_layers} adapted layers, "
+    say(engine, f"{cfg.method} on {model_path}: {describe_layers(bank.shapes)}, "
                 f"{bank.primary.flat.numel():,} primary + {bank.aux.flat.numel() if bank.aux else 0:,} aux params; "
                 f"engine {engine.name} x{engine.world_size}, global batch {cfg.micro_batch_size} x {cfg.grad_accum} "
                 f"x {engine.world_size} = {budget.global_batch}, {budget.total_steps} steps")
@@ -175,13 +187,13 @@ def prepare_data(cfg: TrainConfig, engine: Engine, model_path: str) -> RunData:
 
 
 def build_model_and_adapters(cfg: TrainConfig, engine: Engine,
-                             model_path: str) -> tuple[torch.nn.Module, AdapterBank, list[str]]:
-    """The frozen base as the engine loads it, its adapter bank (on the engine's device) and the adapted layers."""
+                             model_path: str) -> tuple[torch.nn.Module, AdapterBank]:
+    """The frozen base as the engine loads it and its adapter bank (on the engine's device)."""
     model = engine.build(model_path, LoadOptions.of(cfg))
     names = select_targets(model, cfg.target_modules)
     bank = build_bank(layer_shapes(model, names), cfg.rank, cfg.alpha,
                       cfg.aux_rank if cfg.method == "bilora" else None, cfg.aux_scale, cfg.seed).to(engine.device)
-    return model, bank, names
+    return model, bank
 
 
 def restore_adapters(resume_from: Path | None, bank: AdapterBank, total_steps: int) -> Checkpoint | None:
@@ -214,8 +226,7 @@ def attach_and_wrap(cfg: TrainConfig, engine: Engine, model: torch.nn.Module, ba
     return model
 
 
-def finish(cfg: TrainConfig, loop: TrainingLoop, model_path: str, names: list[str],
-           resume_from: Path | None) -> dict[str, float]:
+def finish(cfg: TrainConfig, loop: TrainingLoop, model_path: str, resume_from: Path | None) -> dict[str, float]:
     """Evaluate after training, log time, memory and holdings, write the PEFT adapter; the evaluation."""
     engine, bank = loop.engine, loop.bank
     train_s = time.perf_counter() - loop.started
@@ -232,7 +243,8 @@ def finish(cfg: TrainConfig, loop: TrainingLoop, model_path: str, names: list[st
                       "squeeze_history": loop.squeeze_history,
                       "resumed_from": str(resume_from) if resume_from else None}
         save_peft_adapter(bank.primary, Path(cfg.output_dir) / "adapter",
-                          peft_target_modules(cfg.target_modules, names), cfg.model or model_path,
+                          peft_target_modules(cfg.target_modules, [s.name for s in bank.shapes if not s.experts]),
+                          cfg.model or model_path,
                           provenance)  # a hub id stays a hub id
         say(engine, f"adapter written to {Path(cfg.output_dir) / 'adapter'}")
     return after

@@ -26,7 +26,7 @@ if __name__ == "__main__":
     grads = {}
     for method in ("lora", "bilora"):
         cfg = parse_config(["--engine", kind, "--model", model_path, "--method", method])
-        model, bank, _ = build_model_and_adapters(cfg, engine, model_path)
+        model, bank = build_model_and_adapters(cfg, engine, model_path)
         with torch.no_grad():  # B != 0, so that every factor has a gradient
             for branch in bank.branches():
                 branch.flat.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))

@@ -228,3 +228,33 @@ def test_merge_of_the_default_model_streams(tmp_path):
     merged_w = load_file(tmp_path / "merged" / index[name + ".weight"])[name + ".weight"]
     base_w = load_file(model_dir / "model.safetensors")[name + ".weight"]
     torch.testing.assert_close(merged_w, base_w + 2.0 * B @ A, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "gpt_oss"])
+def test_moe_adapter_loads_in_peft_with_our_logits(family, tmp_path):
+    """Fused expert projections go to PEFT's target_parameters layout: PeftModel.from_pretrained gives our logits.
+    (Not DeepSeek-V3: on loading, peft 0.21 renames the target_modules `gate_proj`/`up_proj`/`down_proj` of its
+    dense and shared-expert linear layers to the fused expert parameters, as if they were transformers-4 names.)"""
+    from tests_support import tiny_moe_config
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(tiny_moe_config(family, 96)).float().requires_grad_(False)
+    base.save_pretrained(tmp_path / "base")
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    shapes = layer_shapes(ours, select_targets(ours, "all-linear"))
+    bank = build_bank(shapes, 4, 8.0, None, 1.0, 0)
+    with torch.no_grad():
+        bank.primary.flat.normal_(0, 0.1)
+    linear = [s.name for s in shapes if not s.experts]
+    save_peft_adapter(bank.primary, tmp_path / "adapter", sorted({n.rsplit(".", 1)[-1] for n in linear}),
+                      str(tmp_path / "base"), {})
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == sorted(s.name for s in shapes if s.experts)
+    inject(ours, bank)
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ours(ids).logits
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+        torch.testing.assert_close(peft(ids).logits, want, rtol=0, atol=1e-5)
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base")(ids).logits
+        assert (plain - want).abs().max() > 1e-2  # the adapter matters

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig
+from transformers import (AutoModelForCausalLM, DeepseekV3Config, GptOssConfig, LlamaConfig, MixtralConfig,
+                          OlmoeConfig, PretrainedConfig, Qwen2MoeConfig, Qwen3MoeConfig)
 
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.adapters.bank import AdapterBank, Branch, LayerShape
@@ -92,6 +93,30 @@ def tiny_llama_config(vocab_size: int) -> LlamaConfig:
     return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                        tie_word_embeddings=True)
+
+
+MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3")
+
+
+def tiny_moe_config(family: str, vocab_size: int) -> PretrainedConfig:
+    """A 32-wide mixture-of-experts config of `family` with 4 experts, top-2: Qwen2-MoE with a shared expert and
+    its gate, gpt-oss with its transposed, interleaved, biased experts, DeepSeek-V3 with a first dense layer."""
+    common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, num_experts_per_tok=2,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return {"qwen2_moe": lambda: Qwen2MoeConfig(**common, intermediate_size=48, moe_intermediate_size=16,
+                                                shared_expert_intermediate_size=24, num_experts=4),
+            "qwen3_moe": lambda: Qwen3MoeConfig(**common, intermediate_size=48, moe_intermediate_size=16,
+                                                num_experts=4, head_dim=8),
+            "mixtral": lambda: MixtralConfig(**common, intermediate_size=16, num_local_experts=4),
+            "olmoe": lambda: OlmoeConfig(**common, intermediate_size=16, num_experts=4),
+            "gpt_oss": lambda: GptOssConfig(**common, intermediate_size=16, num_local_experts=4, head_dim=8,
+                                            sliding_window=8),
+            "deepseek_v3": lambda: DeepseekV3Config(**{**common, "num_hidden_layers": 3, "num_key_value_heads": 4},
+                                                    intermediate_size=48, moe_intermediate_size=16,
+                                                    first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1,
+                                                    n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16,
+                                                    qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)}[family]()
 
 
 def random_adapted_model(config: PretrainedConfig) -> tuple[torch.nn.Module, AdapterBank]:

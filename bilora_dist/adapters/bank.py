@@ -4,6 +4,10 @@ A branch (primary or auxiliary) stores all layers' factors in a single flat fp32
 all-reduce, one optimizer call and one norm cover the whole model. Layer i owns a slice laid out as
 A_i (r_i x n_i) followed by B_i (m_i x r_i). Slices are ordered by shape, so layers of equal shape
 sit at a constant stride and form one batched view (used by the norm projection and by squeeze).
+
+A fused mixture-of-experts projection (a 3-D parameter of E experts) is one layer whose slice holds every
+expert's factors, A (E x r x n) followed by B (E x m x r): per expert e, ΔW_e = s·B_e A_e, one rank and one
+scale for the whole tensor (as PEFT's `target_parameters` stores it).
 """
 
 from __future__ import annotations
@@ -23,21 +27,35 @@ from bilora_dist.adapters.product import low_rank_product
 
 @dataclass(frozen=True)
 class LayerShape:
-    """An adapted linear layer: its module path and its weight's shape (out m x in n)."""
+    """An adapted layer: its path and its weight's shape (out m x in n); `experts` > 0 for a fused expert
+    projection (the parameter's path) holding that many m x n expert weights, 0 for a linear layer."""
 
     name: str
     in_features: int
     out_features: int
+    experts: int = 0
+
+    @property
+    def copies(self) -> int:
+        """How many m x n weights the layer holds (its experts, or 1)."""
+        return max(self.experts, 1)
+
+    def numel(self, rank: int) -> int:
+        """Elements of the layer's factors at `rank`."""
+        return self.copies * rank * (self.in_features + self.out_features)
 
 
 @dataclass(frozen=True)
 class ShapeGroup:
-    """Layers of one (n, m, r) shape, batched: A is (L, r, n), B is (L, m, r), both views of the branch."""
+    """Layers of one (n, m, r, experts) shape, batched over their L·c weights (c = copies per layer, 1 for
+    linear layers): A is (L·c, r, n), B is (L·c, m, r), `scales` (L·c,); views of the branch when c is 1,
+    copies otherwise (read them, do not write them)."""
 
     layers: list[int]
     A: Tensor
     B: Tensor
     scales: Tensor
+    copies: int = 1
 
 
 class Branch(nn.Module):
@@ -51,7 +69,7 @@ class Branch(nn.Module):
         total = 0
         for i in order:
             self.offsets[i] = total
-            total += ranks[i] * (shapes[i].in_features + shapes[i].out_features)
+            total += shapes[i].numel(ranks[i])
         if flat.numel() != total:
             raise ValueError(f"flat tensor has {flat.numel()} elements, layout needs {total}")
         self.order = order
@@ -61,7 +79,7 @@ class Branch(nn.Module):
     def initialized(cls, shapes: list[LayerShape], ranks: list[int], scales: list[float],
                     generator: torch.Generator) -> "Branch":
         """Standard LoRA init: A ~ U(-1/sqrt(n), 1/sqrt(n)) (PEFT's kaiming_uniform(a=sqrt(5))), B = 0."""
-        total = sum(r * (s.in_features + s.out_features) for s, r in zip(shapes, ranks))
+        total = sum(s.numel(r) for s, r in zip(shapes, ranks))
         branch = cls(shapes, ranks, scales, torch.zeros(total))
         with torch.no_grad():
             for i, shape in enumerate(shapes):
@@ -74,8 +92,8 @@ class Branch(nn.Module):
     def from_factors(cls, shapes: list[LayerShape], factors: list[tuple[Tensor, Tensor]],
                      scales: list[float]) -> "Branch":
         """Build a branch holding the given per-layer (A, B) pairs (used after a rank change)."""
-        ranks = [A.shape[0] for A, _ in factors]
-        total = sum(r * (s.in_features + s.out_features) for s, r in zip(shapes, ranks))
+        ranks = [A.shape[-2] for A, _ in factors]
+        total = sum(s.numel(r) for s, r in zip(shapes, ranks))
         branch = cls(shapes, ranks, scales, torch.zeros(total, dtype=factors[0][0].dtype))
         with torch.no_grad():
             for i, (A, B) in enumerate(factors):
@@ -85,12 +103,16 @@ class Branch(nn.Module):
         return branch
 
     def factors(self, i: int) -> tuple[Tensor, Tensor]:
-        """(A_i, B_i) as views of the flat parameter; gradients flow into flat.grad."""
+        """(A_i, B_i) as views of the flat parameter, (r, n) and (m, r), or (E, r, n) and (E, m, r) for a
+        fused expert projection; gradients flow into flat.grad."""
         shape, r, start = self.shapes[i], self.ranks[i], self.offsets[i]
-        n, m = shape.in_features, shape.out_features
-        A = self.flat[start:start + r * n].view(r, n)
-        B = self.flat[start + r * n:start + r * (n + m)].view(m, r)
-        return A, B
+        size_A = shape.copies * r * shape.in_features
+        return self._views(i, self.flat[start:start + size_A], self.flat[start + size_A:start + shape.numel(r)])
+
+    def _views(self, i: int, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        shape, r = self.shapes[i], self.ranks[i]
+        lead = (shape.experts,) if shape.experts else ()
+        return A.view(*lead, r, shape.in_features), B.view(*lead, shape.out_features, r)
 
     def all_factors(self) -> list[tuple[Tensor, Tensor]]:
         """Every layer's (A_i, B_i) from a single split of `flat`.
@@ -102,13 +124,13 @@ class Branch(nn.Module):
         for i in self.order:
             r, shape = self.ranks[i], self.shapes[i]
             where[i] = len(sizes)
-            sizes += [r * shape.in_features, shape.out_features * r]
+            sizes += [shape.copies * r * shape.in_features, shape.copies * shape.out_features * r]
         pieces = self.flat.split(sizes)
-        return [(pieces[where[i]].view(self.ranks[i], s.in_features), pieces[where[i] + 1].view(s.out_features, self.ranks[i]))
-                for i, s in enumerate(self.shapes)]
+        return [self._views(i, pieces[where[i]], pieces[where[i] + 1]) for i in range(len(self.shapes))]
 
-    def _key(self, i: int) -> tuple[int, int, int]:
-        return self.shapes[i].in_features, self.shapes[i].out_features, self.ranks[i]
+    def _key(self, i: int) -> tuple[int, int, int, int]:
+        shape = self.shapes[i]
+        return shape.in_features, shape.out_features, self.ranks[i], shape.experts
 
     def groups(self) -> Iterator[ShapeGroup]:
         """Batched views over runs of equal-shape layers."""
@@ -117,17 +139,19 @@ class Branch(nn.Module):
 
     def _group(self, layers: list[int]) -> ShapeGroup:
         shape, r = self.shapes[layers[0]], self.ranks[layers[0]]
-        n, m, stride = shape.in_features, shape.out_features, r * (shape.in_features + shape.out_features)
+        n, m, c, stride = shape.in_features, shape.out_features, shape.copies, shape.numel(r)
         block = self.flat[self.offsets[layers[0]]:self.offsets[layers[0]] + stride * len(layers)].view(len(layers), stride)
         scales = torch.tensor([self.scales[i] for i in layers], dtype=self.flat.dtype, device=self.flat.device)
-        return ShapeGroup(layers, block[:, :r * n].view(-1, r, n), block[:, r * n:].view(-1, m, r), scales)
+        return ShapeGroup(layers, block[:, :c * r * n].reshape(-1, r, n), block[:, c * r * n:].reshape(-1, m, r),
+                          scales.repeat_interleave(c), c)
 
     def delta_sq_norms(self) -> Tensor:
-        """||s_i B_i A_i||_F^2 for every layer, from r x r Gram products (never forms m x n)."""
+        """||s_i B_i A_i||_F^2 for every layer (summed over a fused projection's experts), from r x r Gram
+        products (never forms m x n)."""
         out = torch.empty(len(self.shapes), dtype=self.flat.dtype, device=self.flat.device)
         for g in self.groups():
             gram = (g.B.transpose(1, 2) @ g.B) * (g.A @ g.A.transpose(1, 2))
-            out[g.layers] = g.scales.square() * gram.sum(dim=(1, 2))
+            out[g.layers] = (g.scales.square() * gram.sum(dim=(1, 2))).view(len(g.layers), g.copies).sum(1)
         return out
 
 
@@ -190,15 +214,20 @@ class AdapterBank(nn.Module):
             return self._pass_factors[branch][i]
         return self.branches()[branch].factors(i)
 
-    def delta(self, i: int, x: Tensor) -> Tensor:
-        """The low-rank update of layer i applied to x: s1 B1 A1 x (+ s2 B2 A2 x), one matmul pair."""
+    def update_factors(self, i: int) -> tuple[Tensor, Tensor]:
+        """Layer i's update s1 B1 A1 (+ s2 B2 A2) as one factor pair (A, B) with the scales in B: the active
+        branches' ranks side by side ((r, n) and (m, r), or batched over a fused projection's experts)."""
         A, B = self._factors(0, i)
         B = B * self.primary.scales[i]
         if self.aux is not None and self.aux_active:
             A2, B2 = self._factors(1, i)
-            A = torch.cat([A, A2])
-            B = torch.cat([B, B2 * self.aux.scales[i]], dim=1)
-        return low_rank_product(x, A, B)
+            A = torch.cat([A, A2], dim=-2)
+            B = torch.cat([B, B2 * self.aux.scales[i]], dim=-1)
+        return A, B
+
+    def delta(self, i: int, x: Tensor) -> Tensor:
+        """The low-rank update of linear layer i applied to x: s1 B1 A1 x (+ s2 B2 A2 x), one matmul pair."""
+        return low_rank_product(x, *self.update_factors(i))
 
     @contextmanager
     def primary_only(self) -> Iterator[None]:

@@ -8,6 +8,7 @@ loop's single all-reduce of the adapter bucket is the only adapter communication
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from bilora_dist.engines.distributed import DataParallelEngine
 from bilora_dist.engines.nf4 import PackedLinear4bit, pack_linear_layers
 from bilora_dist.errors import UserError
-from bilora_dist.modeling import LoadOptions, build_on_meta, safetensors_index, shard_units
+from bilora_dist.modeling import LoadOptions, build_on_meta, checkpoint_sources, safetensors_index, shard_units
 
 
 class FSDPEngine(DataParallelEngine):
@@ -40,31 +41,33 @@ class FSDPEngine(DataParallelEngine):
             pack_linear_layers(model, options.dtype, self.device)
         # to_empty gives every buffer new, uninitialised storage: keep the values the model computed
         buffers = dict(model.named_buffers(remove_duplicate=False))
+        index = safetensors_index(Path(path), f"--model {path}: --engine fsdp needs a directory with .safetensors weights")
+        handles = {file: safe_open(str(file), framework="pt") for file in set(index.values())}
+        sources = checkpoint_sources(model, index, handles)  # before fully_shard renames the model's class
         for unit in shard_units(model):
             fully_shard(unit, mesh=self.mesh, mp_policy=self.mp_policy)
         fully_shard(model, mesh=self.mesh, mp_policy=self.mp_policy)
         model.to_empty(device=self.device)
-        self._load_local_shards(model, Path(path), buffers)
+        self._load_local_shards(model, path, sources, buffers)
         self._root = model
         return model
 
-    def _load_local_shards(self, model: nn.Module, path: Path, buffers: dict[str, torch.Tensor]) -> None:
-        """Read each checkpoint tensor (one at a time, memory-mapped) and keep this rank's shard of it (of
-        its NF4 bytes for a PackedLinear4bit, quantised on this device); a buffer the checkpoint does not
-        hold (non-persistent ones: rotary frequencies, embedding scales, ...) gets its value from `buffers`,
-        as the model computed it."""
-        index = safetensors_index(path, f"--model {path}: --engine fsdp needs a directory with .safetensors weights")
+    def _load_local_shards(self, model: nn.Module, path: str, sources: dict[str, Callable[[], torch.Tensor]],
+                           buffers: dict[str, torch.Tensor]) -> None:
+        """Read each checkpoint tensor (one at a time, memory-mapped; fused expert tensors as transformers fuses
+        them) and keep this rank's shard of it (of its NF4 bytes for a PackedLinear4bit, quantised on this
+        device); a buffer the checkpoint does not hold (non-persistent ones: rotary frequencies, embedding
+        scales, ...) gets its value from `buffers`, as the model computed it."""
         tied = model.get_output_embeddings() is not None and \
             model.get_output_embeddings().weight is model.get_input_embeddings().weight
-        handles = {file: safe_open(str(file), framework="pt") for file in set(index.values())}
         packed = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, PackedLinear4bit)}
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if name not in index:
+                if name not in sources:
                     if tied and param is model.get_input_embeddings().weight:
                         continue
                     raise UserError(f"--model {path}: checkpoint has no tensor '{name}'")
-                full = handles[index[name]].get_tensor(name)
+                full = sources[name]()
                 if name in packed:
                     full = packed[name].quantize_(full.to(self.device, self.mp_policy.param_dtype))
                 full = full.to(param.dtype)
@@ -74,7 +77,7 @@ class FSDPEngine(DataParallelEngine):
                 else:
                     param.copy_(full)
             for name, buf in model.named_buffers(remove_duplicate=False):
-                buf.copy_(handles[index[name]].get_tensor(name) if name in index else buffers[name])
+                buf.copy_(sources[name]() if name in sources else buffers[name])
 
     def release(self) -> None:
         if self._root is not None:

@@ -1,0 +1,96 @@
+"""Training a mixture-of-experts model end to end: a tiny random Qwen3-MoE (4 experts, top-2), saved as
+transformers 5 saves it (per-expert tensors, fused at load time), trained by launch/train.py on one process,
+2 ZeRO-3 ranks and 2 FSDP2 ranks (which must agree up to summation order, as in test_distributed.py), resumed
+on another engine, and its PEFT adapter loaded by peft with the experts in target_parameters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
+from bilora_dist.checkpoint import load_checkpoint, restore_bank
+from tests_support import assert_same_run, assert_trained_close, launcher, run_ok, tiny_moe_config
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def moe_model_dir(tmp_path_factory, tokenizer) -> Path:
+    path = tmp_path_factory.mktemp("tiny_qwen3_moe")
+    torch.manual_seed(1234)
+    AutoModelForCausalLM.from_config(tiny_moe_config("qwen3_moe", len(tokenizer))).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        assert "model.layers.0.mlp.experts.3.gate_proj.weight" in f.keys()  # the hub's per-expert layout
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, moe_model_dir, module_data):
+    cache: dict[tuple[str, ...], tuple[Path, str]] = {}
+
+    def get(kind: str, method: str, *extra: str) -> tuple[Path, str]:
+        if (kind, method, *extra) not in cache:
+            out = tmp_path_factory.mktemp(f"moe_{kind}_{method}") / "run"
+            cmd = launcher(kind) + [
+                "--model", str(moe_model_dir), "--data", str(module_data[0]), "--eval-data", str(module_data[1]),
+                "--method", method, "--max-steps", str(STEPS), "--micro-batch-size", "4", "--grad-accum",
+                "2" if kind == "single" else "1", "--lr", "2e-3", "--warmup-ratio", "0", "--rho", "0.02",
+                "--save-every", "2", "--output-dir", str(out), *extra]
+            proc = run_ok(cmd)
+            cache[kind, method, *extra] = out, proc.stdout + proc.stderr
+        return cache[kind, method, *extra]
+
+    return get
+
+
+def test_new_user_run_adapts_every_expert(runs, moe_model_dir):
+    out, log = runs("single", "lora")
+    assert "8 adapted layers (8 attention, 0 dense), 4 expert tensors (x 4 experts)" in log
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert config["target_parameters"] == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
+                                           for p in ("down_proj", "gate_up_proj")]
+    # peft loads the trained adapter and computes what the trained model computes
+    model = AutoModelForCausalLM.from_pretrained(moe_model_dir)
+    bank = build_bank(layer_shapes(model, select_targets(model, "all-linear")), 8, 16.0, None, 1.0, 0)
+    restore_bank(bank, load_checkpoint(out / "checkpoints" / f"step_{STEPS}"))
+    inject(model, bank)
+    ids = torch.randint(5, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(moe_model_dir), out / "adapter")
+        torch.testing.assert_close(peft(ids).logits, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "bilora"])
+@pytest.mark.parametrize("kind", ["zero3", "fsdp"])
+def test_two_ranks_match_one_process(runs, kind, method):
+    out, _ = runs(kind, method)
+    assert_same_run(out, runs("single", method)[0], STEPS)
+
+
+def test_resume_on_fsdp_from_a_one_process_checkpoint(runs, moe_model_dir, module_data, tmp_path):
+    full, _ = runs("single", "bilora")
+    resumed = tmp_path / "resumed"
+    run_ok(launcher("fsdp") + [
+        "--model", str(moe_model_dir), "--data", str(module_data[0]), "--eval-data", str(module_data[1]),
+        "--method", "bilora", "--max-steps", str(STEPS), "--micro-batch-size", "4", "--lr", "2e-3",
+        "--warmup-ratio", "0", "--rho", "0.02", "--output-dir", str(resumed),
+        "--resume", str(full / "checkpoints" / "step_2")])
+
+    def factors(run: Path) -> dict[str, torch.Tensor]:
+        branches = load_checkpoint(run / "checkpoints" / f"step_{STEPS}").branches
+        return {f"{name}.{s.name}.{part}": t for name, b in branches.items() for i, s in enumerate(b.shapes)
+                for part, t in zip("AB", b.factors(i))}
+
+    want = factors(full)
+    assert sum(".experts." in k for k in want) == 2 * 2 * 4  # A and B of 4 expert tensors, both branches
+    assert_trained_close(factors(resumed), want)
