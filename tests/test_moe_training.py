@@ -37,7 +37,8 @@ def runs(tmp_path_factory, moe_model_dir, module_data):
     cache: dict[tuple[str, ...], tuple[Path, str]] = {}
 
     def get(kind: str, method: str, *extra: str) -> tuple[Path, str]:
-        if (kind, method, *extra) not in cache:
+        key = (kind, method, *extra)
+        if key not in cache:
             out = tmp_path_factory.mktemp(f"moe_{kind}_{method}") / "run"
             cmd = launcher(kind) + [
                 "--model", str(moe_model_dir), "--data", str(module_data[0]), "--eval-data", str(module_data[1]),
@@ -45,8 +46,8 @@ def runs(tmp_path_factory, moe_model_dir, module_data):
                 "2" if kind == "single" else "1", "--lr", "2e-3", "--warmup-ratio", "0", "--rho", "0.02",
                 "--save-every", "2", "--output-dir", str(out), *extra]
             proc = run_ok(cmd)
-            cache[kind, method, *extra] = out, proc.stdout + proc.stderr
-        return cache[kind, method, *extra]
+            cache[key] = out, proc.stdout + proc.stderr
+        return cache[key]
 
     return get
 
@@ -94,3 +95,13 @@ def test_resume_on_fsdp_from_a_one_process_checkpoint(runs, moe_model_dir, modul
     want = factors(full)
     assert sum(".experts." in k for k in want) == 2 * 2 * 4  # A and B of 4 expert tensors, both branches
     assert_trained_close(factors(resumed), want)
+
+
+def test_in_training_squeeze_on_two_fsdp_ranks_matches_one_process(runs):
+    out, _ = runs("fsdp", "bilora", "--squeeze", "in:8->4/1", "--squeeze-min-stage", "1")
+    want, _ = runs("single", "bilora", "--squeeze", "in:8->4/1", "--squeeze-min-stage", "1")
+    assert_same_run(out, want, STEPS, products=True)
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), framework="pt") as f:
+        shape = f.get_slice("base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight").get_shape()
+    assert config["r"] == 4 and shape == [4 * 4, 32]  # rank 4 for each of the 4 experts, in = hidden 32

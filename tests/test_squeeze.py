@@ -305,3 +305,81 @@ def test_projected_moments_are_the_new_gradients_after_a_lossless_squeeze():
     new, _ = squeeze_branch(svd_form, 2)
     state = _project_moments(svd_form, new, {"exp_avg": grad, "exp_avg_sq": grad.square()})
     torch.testing.assert_close(state["exp_avg_sq"], _linear_loss_grads(new, G).square(), rtol=1e-6, atol=1e-12)
+
+
+def _moe_branch() -> Branch:
+    """Two linear layers and two fused expert projections of 3 experts, rank 6, decaying spectra."""
+    gen = torch.Generator().manual_seed(11)
+    shapes = [LayerShape("dense0", 20, 24), LayerShape("experts.gate_up_proj", 20, 16, 3),
+              LayerShape("dense1", 20, 24), LayerShape("experts.down_proj", 8, 20, 3)]
+    pairs = []
+    for s in shapes:
+        lead = (s.experts,) if s.experts else ()
+        pairs.append((torch.randn(*lead, 6, s.in_features, generator=gen) * torch.logspace(0, -2, 6)[:, None],
+                      torch.randn(*lead, s.out_features, 6, generator=gen)))
+    return Branch.from_factors(shapes, pairs, [2.0, 0.5, 2.0, 1.0])
+
+
+def test_expert_projections_squeeze_per_expert_with_one_rank_per_tensor():
+    branch = _moe_branch()
+    new, reports = squeeze_branch(branch, 4)
+    for i, s in enumerate(branch.shapes):
+        A, B = (t.double() for t in branch.factors(i))
+        A_new, B_new = (t.double() for t in new.factors(i))
+        for e in range(s.copies):
+            pick = (lambda t: t[e]) if s.experts else (lambda t: t)
+            M = branch.scales[i] * pick(B) @ pick(A)
+            got = new.scales[i] * pick(B_new) @ pick(A_new)
+            assert float((got - truncated(M, 4)).norm() / M.norm()) < FP32_RTOL
+    # energy-driven: one rank per tensor, the smallest keeping the energy of all its experts together
+    new, reports = squeeze_branch(branch, 6, energy=0.99)
+    for i, s in enumerate(branch.shapes):
+        A, B = (t.double() for t in branch.factors(i))
+        spectra = torch.linalg.svdvals(branch.scales[i] * B @ A).reshape(s.copies, -1)[:, :6]
+        energy = spectra.square().sum(0).cumsum(0) / spectra.square().sum()
+        k = int((energy < 0.99 - 1e-12).sum()) + 1
+        assert new.ranks[i] == k and reports[i].kept_energy == pytest.approx(float(energy[k - 1]), rel=1e-5)
+    assert len(set(new.ranks)) > 1
+
+
+def test_cli_squeezes_a_peft_moe_adapter(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
+    from bilora_dist.export import save_peft_adapter
+    from bilora_dist.squeeze.peft_io import read_peft_adapter
+    from tests_support import tiny_moe_config
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_moe_config("qwen3_moe", 96)).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    bank = build_bank(layer_shapes(model, select_targets(model, "all-linear")), 8, 16.0, None, 1.0, 0)
+    with torch.no_grad():
+        bank.primary.flat.normal_(0, 0.1)
+    save_peft_adapter(bank.primary, tmp_path / "src", ["k_proj", "o_proj", "q_proj", "v_proj"],
+                      str(tmp_path / "base"), {})
+    read, _ = read_peft_adapter(tmp_path / "src")
+    by_name = {s.name: i for i, s in enumerate(read.shapes)}
+    for i, s in enumerate(bank.primary.shapes):  # the PEFT layout reads back exactly
+        assert read.shapes[by_name[s.name]] == s and read.scales[by_name[s.name]] == bank.primary.scales[i]
+        assert all(torch.equal(a, b) for a, b in zip(read.factors(by_name[s.name]), bank.primary.factors(i)))
+    run_ok([sys.executable, "launch/squeeze.py", "--adapter", str(tmp_path / "src"), "--rank", "3",
+            "--out", str(tmp_path / "squeezed")])
+    squeezed, _ = read_peft_adapter(tmp_path / "squeezed")
+    for i, s in enumerate(squeezed.shapes):
+        j = [t.name for t in bank.primary.shapes].index(s.name)
+        A, B = (t.double() for t in bank.primary.factors(j))
+        M = bank.primary.scales[j] * B @ A
+        A3, B3 = (t.double() for t in squeezed.factors(i))
+        got = squeezed.scales[i] * B3 @ A3
+        want = torch.stack([truncated(m, 3) for m in M]) if s.experts else truncated(M, 3)
+        assert float((got - want).norm() / M.norm()) < FP32_RTOL
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    ours = build_bank(squeezed.shapes, 3, 6.0, None, 1.0, 0)
+    ours.replace_branch("primary", squeezed)
+    inject(model, ours)
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "squeezed")
+        torch.testing.assert_close(peft(ids).logits, model(ids).logits, rtol=0, atol=1e-5)

@@ -5,6 +5,10 @@ the layers assigned to it (balanced by the (m + n)·r² cost of the factored SVD
 all-reduces share the results: first the singular values (so all ranks pick the same per-layer
 ranks), then the new factors, each written by its owner into an otherwise zero tensor. A sum of one
 value and zeros is exact, so all ranks end bit-identical, and equal to a one-rank squeeze.
+
+A fused expert projection is one layer of E experts, each compressed by its own factored SVD (batched with
+the others of its shape); it keeps one rank for all its experts, as PEFT's layout stores one rank per tensor,
+so its energy-driven rank is chosen from the spectrum energy summed over the experts, per rank position.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def kept_energy_summary(reports: list[LayerReport]) -> dict[str, float]:
 
 def assign_layers(branch: Branch, world: int) -> list[int]:
     """Owner rank of every layer: longest-processing-time greedy on the cost (m + n)·r²."""
-    cost = [(s.in_features + s.out_features) * r * r for s, r in zip(branch.shapes, branch.ranks)]
+    cost = [s.copies * (s.in_features + s.out_features) * r * r for s, r in zip(branch.shapes, branch.ranks)]
     owner = [0] * len(cost)
     loads = [(0, rank) for rank in range(world)]
     for i in sorted(range(len(cost)), key=lambda i: (-cost[i], i)):
@@ -63,12 +67,13 @@ def squeeze_branch(branch: Branch, rank: int, energy: float | None = None, engin
             mine = [j for j, layer in enumerate(group.layers) if owner[layer] == engine.rank]
             if not mine:
                 continue
-            pick = slice(None) if len(mine) == len(group.layers) else mine
+            c = group.copies
+            pick = slice(None) if len(mine) == len(group.layers) else [j * c + e for j in mine for e in range(c)]
             found = factored_svd(group.A[pick], group.B[pick], group.scales[pick], k=rank)
             for row, j in enumerate(mine):
-                layer = group.layers[j]
-                spectra[layer] = (found.U[row], found.S[row], found.V[row])
-                singular[layer, :found.S.shape[1]] = found.S[row].float()
+                layer, rows = group.layers[j], slice(row * c, (row + 1) * c)
+                spectra[layer] = (found.U[rows], found.S[rows], found.V[rows])
+                singular[layer, :found.S.shape[1]] = found.S[rows].float().square().sum(0).sqrt()
         engine.all_reduce_sum_(singular)
         caps = [min(rank, r) for r in branch.ranks]
         if energy is None:
@@ -77,14 +82,14 @@ def squeeze_branch(branch: Branch, rank: int, energy: float | None = None, engin
             new_ranks = [min(k, cap) for k, cap in zip(energy_rank(singular, energy, width), caps)]
         scales = [s * r / k if keep_alpha else s for s, r, k in zip(branch.scales, branch.ranks, new_ranks)]
         new = Branch(branch.shapes, new_ranks, scales,
-                     torch.zeros(sum(k * (s.in_features + s.out_features) for s, k in zip(branch.shapes, new_ranks)),
+                     torch.zeros(sum(s.numel(k) for s, k in zip(branch.shapes, new_ranks)),
                                  dtype=branch.flat.dtype, device=branch.flat.device))
         for layer, (U, S, V) in spectra.items():
             k = new_ranks[layer]
-            A, B = balanced_factors(U[:, :k], S[:k], V[:, :k], scales[layer])
+            pairs = [balanced_factors(U[e, :, :k], S[e, :k], V[e, :, :k], scales[layer]) for e in range(len(S))]
             dst_A, dst_B = new.factors(layer)
-            dst_A.copy_(A)
-            dst_B.copy_(B)
+            dst_A.copy_(torch.stack([A for A, _ in pairs]).view_as(dst_A))
+            dst_B.copy_(torch.stack([B for _, B in pairs]).view_as(dst_B))
         engine.all_reduce_sum_(new.flat.data)
     total = singular.square().sum(1)
     kept = [singular[i, :k].square().sum() / total[i] if total[i] > 0 else torch.tensor(1.0)

@@ -46,7 +46,7 @@ def squeeze_main(argv: list[str]) -> None:
         branch, config = read_peft_adapter(args.adapter)
         new, reports = squeeze_branch(branch, min(args.rank, max(branch.ranks)), args.energy,
                                       keep_alpha=args.alpha_policy == "keep-alpha")
-        targets, base_model = config.get("target_modules"), config.get("base_model_name_or_path", "")
+        targets, base_model = config.get("target_modules") or [], config.get("base_model_name_or_path", "")
         source = {"adapter": str(args.adapter), "ranks": sorted(set(branch.ranks))}
         old = {}
         if (args.adapter / PROVENANCE_FILE).is_file():

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from bilora_dist.adapters.bank import Branch, LayerShape
+from bilora_dist.adapters.experts import PROJECTIONS
 from bilora_dist.errors import UserError
 from bilora_dist.modeling import safetensors_index
 from bilora_dist.squeeze.operator import balanced_factors, randomized_svd
@@ -48,16 +49,38 @@ def read_peft_adapter(path: Path, flag: str = "--adapter") -> tuple[Branch, dict
             factors.setdefault(match["name"], {})[match["which"]] = value
     if not factors or any(len(f) != 2 for f in factors.values()):
         raise UserError(f"{flag} {path}: no complete lora_A/lora_B weight pairs in adapter_model.safetensors")
-    names = sorted(factors)
+    parameters = _parameter_modules(factors, config.get("target_parameters") or [])
     shapes, pairs, scales = [], [], []
-    for name in names:
-        A, B = factors[name]["A"].float(), factors[name]["B"].float()
-        r = A.shape[0]
+    for module in sorted(factors):
+        A, B = factors[module]["A"].float(), factors[module]["B"].float()
+        name = parameters.get(module, module)
+        if module in parameters:  # a fused expert projection: lora_A [r·E, in], lora_B [out, r·E]
+            r = _pattern_value(config.get("rank_pattern") or {}, name, config.get("r", A.shape[0]))
+            experts = A.shape[0] // r
+            A, B = A.view(experts, r, A.shape[1]), B.view(B.shape[0], r, experts).permute(2, 0, 1)
+            shapes.append(LayerShape(name, A.shape[2], B.shape[1], experts))
+        else:
+            r = A.shape[0]
+            shapes.append(LayerShape(name, A.shape[1], B.shape[0]))
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", r))
-        shapes.append(LayerShape(name, A.shape[1], B.shape[0]))
         pairs.append((A, B))
         scales.append(alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
     return Branch.from_factors(shapes, pairs, scales), config
+
+
+def _parameter_modules(factors: dict[str, Any], target_parameters: list[str]) -> dict[str, str]:
+    """PEFT module path of a `target_parameters` wrapper (`...experts`, `...experts.base_layer`, ...) -> the
+    path of the parameter it adapts: the projections one module wraps nest in its parameter order, the first
+    innermost (export.peft_module_paths writes them so)."""
+    out = {}
+    for path in factors:
+        module = re.sub(r"(\.base_layer)+$", "", path)
+        depth = (len(path) - len(module)) // len(".base_layer")
+        targeted = [p for p in PROJECTIONS if any(f"{module}.{p}" == t or f"{module}.{p}".endswith(f".{t}")
+                                                  for t in target_parameters)]
+        if targeted:
+            out[path] = f"{module}.{targeted[len(targeted) - 1 - depth]}"
+    return out
 
 
 def extract_lora_from_delta(base: Path, finetuned: Path, rank: int, target: re.Pattern[str],

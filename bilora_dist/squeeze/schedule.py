@@ -86,8 +86,8 @@ def _project_moments(old: Branch, new: Branch, state: dict[str, torch.Tensor]) -
         for name, power in (("exp_avg", 1), ("exp_avg_sq", 2)):
             m_A, m_B = moments[name].factors(i)
             dst_A, dst_B = targets[name].factors(i)
-            dst_A.copy_(ratio ** power * S.pow(power).T @ m_A)
-            dst_B.copy_(ratio ** power * m_B @ T.pow(power).T)
+            dst_A.copy_(ratio ** power * S.pow(power).mT @ m_A)  # batched over a fused projection's experts
+            dst_B.copy_(ratio ** power * m_B @ T.pow(power).mT)
     return out | {name: target.flat.detach() for name, target in targets.items()}
 
 
