@@ -70,7 +70,7 @@ def _key(t: Tensor) -> int:
 def meta_bank(shapes: list[LayerShape], rank: int, aux_rank: int | None) -> AdapterBank:
     """A trainable adapter bank (primary `rank`, auxiliary `aux_rank` if any) on the meta device."""
     def branch(r: int) -> Branch:
-        flat = torch.empty(sum(r * (s.in_features + s.out_features) for s in shapes), device=META)
+        flat = torch.empty(sum(s.numel(r) for s in shapes), device=META)
         return Branch(shapes, [r] * len(shapes), [1.0] * len(shapes), flat)
 
     return AdapterBank(shapes, branch(rank), branch(aux_rank) if aux_rank else None)

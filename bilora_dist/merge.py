@@ -6,7 +6,9 @@ twice the largest tensor (its copy and its mapped file pages), whatever the mode
 are folded in fp32 and cast back to the base dtype. A model with tied input/output embeddings whose
 head is adapted gets an untied head. A base saved pre-quantised by bitsandbytes (4-bit NF4/FP4) has
 every 4-bit weight dequantised to the dtype it was quantised from, adapted or not, so the result is
-one plain model without a quantization_config.
+one plain model without a quantization_config. An adapted fused expert projection is read as transformers
+loads it (its per-expert checkpoint tensors fused by transformers' conversion), gets W_e + s·B_e A_e for
+every expert, and is written as the one fused 3-D tensor, which `from_pretrained` loads as it is.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from tqdm import tqdm
 
 from bilora_dist.adapters.bank import Branch
 from bilora_dist.errors import UserError
-from bilora_dist.modeling import build_on_meta, safetensors_index
+from bilora_dist.modeling import CheckpointSource, build_on_meta, checkpoint_sources, safetensors_index
 
 DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
                 "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
@@ -105,6 +107,27 @@ def _read_dequantized(index: dict[str, Path], key: str, state_keys: list[str], w
         return dequantize_4bit(f.get_tensor(key), state)
 
 
+def _fused_sources(meta: torch.nn.Module, index: dict[str, Path], experts: dict[str, int]) -> dict[str, CheckpointSource]:
+    """How each adapted fused expert projection is read, through transformers' key conversion."""
+    if not experts:
+        return {}
+    handles = {file: safe_open(str(file), framework="pt") for file in set(index.values())}
+    return {name: source for name, source in checkpoint_sources(meta, index, handles).items() if name in experts}
+
+
+def _merged_experts(meta: torch.nn.Module, name: str, source: CheckpointSource, branch: Branch, layer: int,
+                    writer: _ShardWriter) -> torch.Tensor:
+    """The fused projection `name` with s·B_e A_e added to every expert's weight (in its stored layout)."""
+    parameter = meta.get_parameter(name)
+    writer.make_room(parameter.numel() * parameter.element_size())
+    tensor = source.read()
+    A, B = branch.factors(layer)
+    delta = branch.scales[layer] * (B.float() @ A.float())  # (E, out, in)
+    if meta.get_submodule(name.rsplit(".", 1)[0]).is_transposed:
+        delta = delta.mT
+    return (tensor.float() + delta).to(tensor.dtype)
+
+
 def merge_into_base(model_dir: Path, branch: Branch, out_dir: Path, shard_bytes: int) -> dict[str, int]:
     """Write the merged model (weights, config, tokenizer and the other non-weight files of `model_dir`)
     to `out_dir`, which appears complete or not at all. Returns counts for the report."""
@@ -115,14 +138,18 @@ def merge_into_base(model_dir: Path, branch: Branch, out_dir: Path, shard_bytes:
     embed_key = names[meta.get_input_embeddings()] + ".weight"
     head = meta.get_output_embeddings()
     head_key = names[head] + ".weight" if head is not None else None
-    layers = {shape.name + ".weight": i for i, shape in enumerate(branch.shapes)}
+    layers = {shape.name + ".weight": i for i, shape in enumerate(branch.shapes) if not shape.experts}
+    experts = {shape.name: i for i, shape in enumerate(branch.shapes) if shape.experts}
     quantized = _quantized_weights(index)
     state_keys = {k for keys in quantized.values() for k in keys}
     sources = {k: f for k, f in index.items() if k not in state_keys}
     # a tied head absent from the files is read from the embedding when it is adapted
     if head_key in layers and head_key not in sources:
         sources[head_key] = index[embed_key]
-    missing = sorted(k[:-len(".weight")] for k in layers if k not in sources)
+    fused = _fused_sources(meta, index, experts)
+    for key in {k for source in fused.values() for k in source.keys}:  # read through the fused tensor instead
+        sources.pop(key, None)
+    missing = sorted([k[:-len(".weight")] for k in layers if k not in sources] + [k for k in experts if k not in fused])
     if missing:
         raise UserError(f"--merged: the adapter adapts {missing[0]}, which {model_dir} has no weight for")
 
@@ -143,6 +170,8 @@ def merge_into_base(model_dir: Path, branch: Branch, out_dir: Path, shard_bytes:
                     tensor = (tensor.float() + scale * (B.float() @ A.float())).to(tensor.dtype)
                 writer.add(key, tensor)
                 del tensor
+            for name, source in tqdm(fused.items(), desc="merge experts", unit="tensor", dynamic_ncols=True):
+                writer.add(name, _merged_experts(meta, name, source, branch, experts[name], writer))
         total = writer.close()
         config = json.loads((model_dir / "config.json").read_text())
         if head_key in layers and config.get("tie_word_embeddings", False):
@@ -158,4 +187,4 @@ def merge_into_base(model_dir: Path, branch: Branch, out_dir: Path, shard_bytes:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"tensors": len(order), "merged_layers": len(layers), "shards": len(writer.shards), "bytes": total}
+    return {"tensors": len(order) + len(fused), "merged_layers": len(layers) + len(fused), "shards": len(writer.shards), "bytes": total}

@@ -61,12 +61,20 @@ def safetensors_index(path: Path, missing: str) -> dict[str, Path]:
     return index
 
 
-def checkpoint_sources(model: nn.Module, index: dict[str, Path],
-                       handles: dict[Path, Any]) -> dict[str, Callable[[], torch.Tensor]]:
-    """Model tensor name -> a function reading its full value from the checkpoint, through transformers' own
-    key conversion (its renamings, and the converters that fuse per-expert tensors such as
-    `mlp.experts.0.gate_proj.weight` into a 3-D `mlp.experts.gate_up_proj`), as `from_pretrained` loads it.
-    `handles` are the open safetensors files of `index`. Call before sharding wraps the model's class."""
+@dataclass(frozen=True)
+class CheckpointSource:
+    """How one model tensor is read from a checkpoint: the checkpoint keys it is made of, and `read()`, its
+    full value (once: a converter's collected tensors are consumed)."""
+
+    keys: tuple[str, ...]
+    read: Callable[[], torch.Tensor]
+
+
+def checkpoint_sources(model: nn.Module, index: dict[str, Path], handles: dict[Path, Any]) -> dict[str, CheckpointSource]:
+    """Model tensor name -> how to read it from the checkpoint, through transformers' own key conversion (its
+    renamings, and the converters that fuse per-expert tensors such as `mlp.experts.0.gate_proj.weight` into a
+    3-D `mlp.experts.gate_up_proj`), as `from_pretrained` loads it. `handles` are the open safetensors files of
+    `index`. Call before sharding wraps the model's class."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
@@ -77,20 +85,22 @@ def checkpoint_sources(model: nn.Module, index: dict[str, Path],
     names = dict.fromkeys(n for n, _ in model.named_parameters()) | dict.fromkeys(
         n for n, _ in model.named_buffers(remove_duplicate=False))
     present = {n: True for n in names}  # rename_source_key looks names up and tests the value against None
-    sources: dict[str, Callable[[], torch.Tensor]] = {}
-    pending: dict[str, Any] = {}
+    sources: dict[str, CheckpointSource] = {}
+    pending: dict[str, tuple[Any, list[str]]] = {}
     for key in sorted(index, key=dot_natural_key):  # experts in numeric order, as transformers collects them
         read = functools.partial(handles[index[key]].get_tensor, key)
         name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, present)
         if name not in names and key in names:
             name, pattern = key, None
         if pattern is None:
-            sources[name] = read
+            sources[name] = CheckpointSource((key,), read)
         else:
-            pending.setdefault(name, copy.deepcopy(by_pattern[pattern])).add_tensor(name, key, pattern, read)
-    for name, converter in pending.items():
-        sources[name] = functools.partial(lambda c, n: c.convert(n, model=model, config=model.config)[n],
-                                          converter, name)
+            converter, keys = pending.setdefault(name, (copy.deepcopy(by_pattern[pattern]), []))
+            converter.add_tensor(name, key, pattern, read)
+            keys.append(key)
+    for name, (converter, keys) in pending.items():
+        sources[name] = CheckpointSource(tuple(keys), functools.partial(
+            lambda c, n: c.convert(n, model=model, config=model.config)[n], converter, name))
     return sources
 
 

@@ -69,7 +69,8 @@ def dry_run(cfg: TrainConfig) -> str:
               f"{describe_layers(shapes)}, {adapter_numel:,} adapter params ({cfg.method}); micro-batch "
               f"{cfg.micro_batch_size} x {cfg.seq_len} tokens, gradient checkpointing "
               f"{'on' if cfg.gradient_checkpointing else 'off'}, loss chunk {cfg.loss_chunk or 'all'}")
-    return format_plan(plans, header) + "\n" + json.dumps({"engine": kind, "world_size": world,
+    note = unquantized_experts(shapes, cfg)
+    return format_plan(plans, header + (f"\n{note}" if note else "")) + "\n" + json.dumps({"engine": kind, "world_size": world,
                                                            "ranks": [p.as_dict() for p in plans]})
 
 
@@ -124,6 +125,8 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
     engine.barrier()  # every rank has checked before the main rank starts writing (shared filesystems)
     open_output_dir(cfg, engine, out, checkpoint)  # every input is valid from here on
     model = attach_and_wrap(cfg, engine, model, bank)
+    if note := unquantized_experts(bank.shapes, cfg):
+        say(engine, note)
     loop = TrainingLoop(cfg, engine, model, bank, data, budget, squeeze, out, checkpoint, run_identity(cfg))
     announce(cfg, loop, model_path)
     before = None if checkpoint or cfg.eval_on_start == "false" else loop.evaluate(0)
@@ -150,6 +153,17 @@ def describe_layers(shapes: list[LayerShape]) -> str:
         counts = "/".join(str(e) for e in sorted({s.experts for s in experts}))
         text += f", {len(experts)} expert tensors (x {counts} experts)"
     return text
+
+
+def unquantized_experts(shapes: list[LayerShape], cfg: TrainConfig) -> str | None:
+    """The line saying that `--quantize 4bit` leaves fused expert weights in the base dtype (bitsandbytes
+    quantises linear layers only), or None where nothing is left out."""
+    experts = [s for s in shapes if s.experts]
+    if cfg.quantize != "4bit" or not experts:
+        return None
+    numel = sum(s.experts * s.in_features * s.out_features for s in experts)
+    return (f"--quantize 4bit: the {len(experts)} adapted expert tensors ({numel:,} params) stay in {cfg.dtype} "
+            "(bitsandbytes quantises linear layers only); the memory plan counts them so")
 
 
 def announce(cfg: TrainConfig, loop: TrainingLoop, model_path: str) -> None:

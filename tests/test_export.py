@@ -258,3 +258,25 @@ def test_moe_adapter_loads_in_peft_with_our_logits(family, tmp_path):
         torch.testing.assert_close(peft(ids).logits, want, rtol=0, atol=1e-5)
         plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base")(ids).logits
         assert (plain - want).abs().max() > 1e-2  # the adapter matters
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"])
+def test_merged_moe_model_reproduces_the_adapted_model(family, tmp_path):
+    """--merged folds s·B_e A_e into each fused expert tensor (read from the per-expert checkpoint keys as
+    transformers fuses them; gpt-oss's [E, in, out] transposed): from_pretrained of the result gives our logits."""
+    from bilora_dist.merge import merge_into_base
+    from tests_support import tiny_moe_config
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_moe_config(family, 96)).save_pretrained(tmp_path / "base")
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    bank = build_bank(layer_shapes(ours, select_targets(ours, "all-linear")), 4, 8.0, None, 1.0, 0)
+    with torch.no_grad():
+        bank.primary.flat.normal_(0, 0.1)
+    counts = merge_into_base(tmp_path / "base", bank.primary, tmp_path / "merged", shard_bytes=40_000)
+    assert counts["merged_layers"] == len(bank.shapes) and counts["shards"] > 1
+    inject(ours, bank)
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+        torch.testing.assert_close(merged(ids).logits, ours(ids).logits, rtol=0, atol=1e-4)

@@ -13,7 +13,7 @@ from transformers import BitsAndBytesConfig, LlamaConfig
 
 from bilora_dist.config import parse_config
 from bilora_dist.memory_plan import base_bytes_on_rank, nf4_bytes, quantized_weights
-from bilora_dist.modeling import build_on_meta
+from bilora_dist.modeling import LoadOptions, build_on_meta
 from bilora_dist.trainer import dry_run
 from tests_support import run_ok
 
@@ -87,3 +87,26 @@ def test_dry_run_is_within_15_percent_of_a_measured_cpu_step(measured, dtype, ch
     assert plan["total_bytes"] == pytest.approx(real["resident"], rel=1e-3)
     assert plan["activation_bytes"] == pytest.approx(real["after_loss_forward"] - saved_by_loss, rel=0.15)
     assert plan["peak_bytes"] == pytest.approx(real["peak"], rel=0.15)
+
+
+def test_moe_plan_counts_every_expert_adapter():
+    """Qwen3-30B-A3B's shape: Bi-LoRA (rank 8 + 8) on q/k/v/o and on every expert of gate_up_proj and down_proj,
+    counted by hand; the frozen base (30.5B parameters, bf16) split over 8 FSDP2 ranks."""
+    flags = ("--model", "benchmarks/model_configs/qwen3-30b-a3b", "--bf16", "--plan-ranks", "8", "--engine", "fsdp")
+    plan = plan_of(*flags)
+    attention = (2048 + 4096) + 2 * (2048 + 512) + (4096 + 2048)
+    experts = 128 * (2048 + 2 * 768) + 128 * (768 + 2048)
+    assert plan["adapter_bytes"] == 48 * 16 * (attention + experts) * 4
+    assert plan["base_bytes"] == pytest.approx(30_532_122_624 * 2 / 8, rel=0.01)
+    header = dry_run(parse_config(["--dry-run", *flags])).splitlines()[0]
+    assert "192 adapted layers (192 attention, 0 dense), 96 expert tensors (x 128 experts)" in header
+
+
+def test_4bit_moe_plan_keeps_experts_in_bf16_and_says_so():
+    flags = ("--model", "benchmarks/model_configs/qwen3-30b-a3b", "--bf16", "--plan-ranks", "1", "--engine", "fsdp")
+    meta = build_on_meta("benchmarks/model_configs/qwen3-30b-a3b", LoadOptions(torch.bfloat16))
+    saved = sum(2 * w.numel() - sum(nf4_bytes(w.numel())) for w in quantized_weights(meta).values())
+    assert all(w.dim() == 2 for w in quantized_weights(meta).values())  # linear layers only, no expert tensor
+    assert plan_of(*flags)["base_bytes"] - plan_of(*flags, "--quantize", "4bit")["base_bytes"] == saved
+    text = dry_run(parse_config(["--dry-run", *flags, "--quantize", "4bit"]))
+    assert "--quantize 4bit: the 96 adapted expert tensors (28,991,029,248 params) stay in torch.bfloat16" in text

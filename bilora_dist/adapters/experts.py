@@ -11,6 +11,8 @@ nothing. An experts module without adapters runs transformers' `grouped_mm` unch
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 
@@ -100,9 +102,14 @@ def lora_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Te
     num_tokens, top_k = hidden_states.size(0), top_k_index.size(-1)
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
     x = hidden_states[perm // top_k]
-    counts = torch.bincount(expert_ids, minlength=self.num_experts)
-    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-    bounds = [0] + offsets.tolist()  # one host sync; the per-expert factor products slice by it
+    if hidden_states.is_meta:  # the memory plan's trace (activations.py): routing unknown, plan balanced experts
+        share, extra = divmod(expert_ids.numel(), self.num_experts)
+        bounds = list(itertools.accumulate([share + (e < extra) for e in range(self.num_experts)], initial=0))
+        offsets = torch.tensor(bounds[1:], dtype=torch.int32, device=expert_ids.device)
+    else:
+        counts = torch.bincount(expert_ids, minlength=self.num_experts)
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        bounds = [0] + offsets.tolist()  # one host sync; the per-expert factor products slice by it
 
     def project(name: str, inputs: Tensor) -> Tensor:
         return _projection(self, update, name, inputs, expert_ids, offsets, bounds)

@@ -8,7 +8,6 @@ loop's single all-reduce of the adapter bucket is the only adapter communication
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from bilora_dist.engines.distributed import DataParallelEngine
 from bilora_dist.engines.nf4 import PackedLinear4bit, pack_linear_layers
 from bilora_dist.errors import UserError
-from bilora_dist.modeling import LoadOptions, build_on_meta, checkpoint_sources, safetensors_index, shard_units
+from bilora_dist.modeling import CheckpointSource, LoadOptions, build_on_meta, checkpoint_sources, safetensors_index, shard_units
 
 
 class FSDPEngine(DataParallelEngine):
@@ -52,7 +51,7 @@ class FSDPEngine(DataParallelEngine):
         self._root = model
         return model
 
-    def _load_local_shards(self, model: nn.Module, path: str, sources: dict[str, Callable[[], torch.Tensor]],
+    def _load_local_shards(self, model: nn.Module, path: str, sources: dict[str, CheckpointSource],
                            buffers: dict[str, torch.Tensor]) -> None:
         """Read each checkpoint tensor (one at a time, memory-mapped; fused expert tensors as transformers fuses
         them) and keep this rank's shard of it (of its NF4 bytes for a PackedLinear4bit, quantised on this
@@ -67,7 +66,7 @@ class FSDPEngine(DataParallelEngine):
                     if tied and param is model.get_input_embeddings().weight:
                         continue
                     raise UserError(f"--model {path}: checkpoint has no tensor '{name}'")
-                full = sources[name]()
+                full = sources[name].read()
                 if name in packed:
                     full = packed[name].quantize_(full.to(self.device, self.mp_policy.param_dtype))
                 full = full.to(param.dtype)
@@ -77,7 +76,7 @@ class FSDPEngine(DataParallelEngine):
                 else:
                     param.copy_(full)
             for name, buf in model.named_buffers(remove_duplicate=False):
-                buf.copy_(sources[name]() if name in sources else buffers[name])
+                buf.copy_(sources[name].read() if name in sources else buffers[name])
 
     def release(self) -> None:
         if self._root is not None:
