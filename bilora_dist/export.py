@@ -91,13 +91,20 @@ def peft_config(branch: Branch, target_modules: list[str], base_model: str) -> d
 
 def save_peft_adapter(branch: Branch, out_dir: Path, target_modules: list[str], base_model: str,
                       provenance: dict[str, Any]) -> None:
+    """Write the adapter in PEFT's layout (see write_adapter_directory)."""
+    write_adapter_directory(peft_state_dict(branch), peft_config(branch, target_modules, base_model), provenance,
+                            out_dir)
+
+
+def write_adapter_directory(tensors: dict[str, Tensor], config: dict[str, Any], provenance: dict[str, Any],
+                            out_dir: Path) -> None:
     """Write adapter_config.json, adapter_model.safetensors and our own bilora_dist.json atomically:
     the directory appears complete or not at all, and an existing one is replaced only once the new one is."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    save_file(peft_state_dict(branch), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (tmp / "adapter_config.json").write_text(json.dumps(peft_config(branch, target_modules, base_model), indent=2))
+    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
     (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
     publish_directory(tmp, out_dir)
 

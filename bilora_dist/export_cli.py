@@ -20,9 +20,10 @@ from bilora_dist.checkpoint import MANIFEST, checkpoints_dir, find_checkpoint, l
 from bilora_dist.errors import OneLineParser, UserError
 from bilora_dist.export import PROVENANCE_FILE, save_peft_adapter
 from bilora_dist.merge import merge_into_base
-from bilora_dist.modeling import resolve_model
+from bilora_dist.modeling import build_on_meta, resolve_model
 from bilora_dist.squeeze.branch import kept_energy_summary, squeeze_branch
 from bilora_dist.squeeze.peft_io import read_peft_adapter
+from bilora_dist.vllm_export import save_vllm_adapter
 
 
 @dataclass
@@ -42,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--merged", action="store_true", help="write the base with the adapter folded in")
     p.add_argument("--model", help="base model directory or cached hub id (default: the adapter's own base)")
     p.add_argument("--shard-size", default="2GB", help="largest merged weight file, e.g. 500MB, 2GB")
+    p.add_argument("--format", choices=("peft", "vllm"), default="peft",
+                   help="adapter layout: PEFT's, or vLLM's (expert LoRAs per expert where vLLM reads them so)")
     return p
 
 
@@ -95,6 +98,8 @@ def export_main(argv: list[str]) -> None:
         raise UserError(f"--rank must be >= 1, got {args.rank}")
     if args.out.exists():
         raise UserError(f"--out {args.out} already exists; choose a new directory")
+    if args.merged and args.format != "peft":
+        raise UserError("--format applies to adapters; --merged writes a plain model")
     shard_bytes = parse_size(args.shard_size)
     start = time.perf_counter()
     source = read_source(args.checkpoint)
@@ -113,6 +118,13 @@ def export_main(argv: list[str]) -> None:
         counts = merge_into_base(Path(model_dir), branch, args.out, shard_bytes)
         print(f"merged {counts['merged_layers']} layers with the base {base}: {counts['tensors']} tensors, "
               f"{counts['shards']} shard(s), {counts['bytes'] / 2**20:.1f} MiB; {time.perf_counter() - start:.1f} s")
+    elif args.format == "vllm":
+        if not base:
+            raise UserError("--format vllm needs the base model: pass --model (a directory or a cached hub id)")
+        meta = build_on_meta(resolve_model(base, "--model" if args.model else "--format vllm: the adapter's base model"))
+        count = save_vllm_adapter(branch, args.out, source.target_modules, base,
+                                  meta, {**source.provenance, "squeeze_history": history})
+        print(f"vLLM adapter: {count} tensors; {time.perf_counter() - start:.1f} s")
     else:
         save_peft_adapter(branch, args.out, source.target_modules, base,
                           {**source.provenance, "squeeze_history": history})
