@@ -7,6 +7,10 @@ with their per-layer layout), AdamW and LR-scheduler state (optimizer.pt), every
 replicated, so the main rank writes them; only the RNG states are gathered. The directory is built
 under a temporary name and renamed into place, so a crash mid-write leaves the previous checkpoints
 as they were. Base weights are never written.
+
+A checkpoint that cannot be written (too little free space for its known size, a failed write, a non-finite
+state) raises TrainingFault on every rank with one line naming the newest checkpoint kept; the partial
+directory is removed and nothing older is pruned.
 """
 
 from __future__ import annotations
@@ -20,16 +24,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from bilora_dist.adapters.bank import AdapterBank, Branch, LayerShape
 from bilora_dist.engines.base import Engine
-from bilora_dist.errors import UserError
+from bilora_dist.errors import TrainingFault, UserError
 from bilora_dist.export import publish_directory
 
 FORMAT = 1
@@ -92,39 +96,86 @@ def _layout(branch: Branch) -> list[list[Any]]:
             for s, r, sc in zip(branch.shapes, branch.ranks, branch.scales)]
 
 
-def _write(directory: Path, name: str, writer: Any) -> None:
+def _write_file(directory: Path, name: str, writer: Any) -> None:
     path = directory / name
     writer(path)
     with path.open("rb") as f:
         os.fsync(f.fileno())
 
 
+def _state_tensors(bank: AdapterBank, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors a checkpoint holds: both adapter branches and their AdamW state."""
+    moments = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    return [*(b.flat for b in bank.branches()), *moments]
+
+
+def checkpoint_bytes(bank: AdapterBank, optimizer: torch.optim.Optimizer) -> int:
+    """The bytes of a checkpoint's tensors; its files add headers and small records of a few KB."""
+    return sum(t.numel() * t.element_size() for t in _state_tensors(bank, optimizer))
+
+
 def save_checkpoint(out_dir: Path, state: dict[str, Any], bank: AdapterBank, optimizer: torch.optim.Optimizer,
                     scheduler: Any, config_yaml: str, engine: Engine, keep_last: int) -> Path:
     """Write OUT/checkpoints/step_{state['step']} (collective: every rank must call) and keep the newest
-    `keep_last` checkpoints. Returns the checkpoint's path."""
+    `keep_last` checkpoints. Returns the checkpoint's path; raises TrainingFault (every rank) if it cannot."""
     rng = engine.gather_object(rng_state())
     root = checkpoints_dir(out_dir)
     final = root / f"step_{state['step']}"
+    problem = None
     if engine.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step_{state['step']}-"))
-        branches = {name: b for name, b in (("primary", bank.primary), ("aux", bank.aux)) if b is not None}
-        _write(tmp, "adapters.safetensors", lambda p: save_file(
-            {name: b.flat.detach().contiguous() for name, b in branches.items()}, str(p),
-            metadata={"layout": json.dumps({name: _layout(b) for name, b in branches.items()})}))
-        _write(tmp, "optimizer.pt", lambda p: torch.save({"optimizer": optimizer.state_dict(),
-                                                          "scheduler": scheduler.state_dict()}, p))
-        _write(tmp, "rng.pt", lambda p: torch.save(rng, p))
-        _write(tmp, "state.json", lambda p: p.write_text(json.dumps(state, indent=2)))
-        _write(tmp, "config.yaml", lambda p: p.write_text(config_yaml))
-        files = {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
-        manifest = {"format": FORMAT, "step": state["step"], "files": files}
-        _write(tmp, MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2)))
-        publish_directory(tmp, final)  # the same step saved again (a resumed run) is replaced only once whole
-        _prune(root, keep_last)
-    engine.barrier()
+        problem = _write(root, final, bank, optimizer, lambda tmp: _write_files(tmp, state, bank, optimizer, scheduler,
+                                                                                 config_yaml, rng))
+        if problem is None:
+            _prune(root, keep_last)
+    problem = engine.gather_object(problem)[0]
+    if problem is not None:
+        raise TrainingFault(problem)
     return final
+
+
+def _write(root: Path, final: Path, bank: AdapterBank, optimizer: torch.optim.Optimizer,
+           write_files: Callable[[Path], None]) -> str | None:
+    """Write the checkpoint `final` (its files by `write_files` into a temporary directory, then renamed into
+    place); None, or why it was not written."""
+    previous = list_checkpoints(root) if root.is_dir() else []
+    kept = f"the newest checkpoint kept is {previous[0]}" if previous else "no earlier checkpoint exists"
+    advice = "free space (or move --output-dir with its checkpoints), then run the same command with --resume auto"
+    if not all(bool(torch.isfinite(t).all()) for t in _state_tensors(bank, optimizer)):
+        return f"not saving {final}: the adapters or their AdamW moments are not finite; {kept}"
+    needed = checkpoint_bytes(bank, optimizer)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(root).free
+        if free < needed * 1.05 + 2**20:
+            return (f"cannot save {final}: it needs {needed / 2**20:.1f} MiB and {root} has {free / 2**20:.1f} MiB "
+                    f"free; {kept}; {advice}")
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
+    except OSError as exc:
+        return f"cannot save {final}: {exc.strerror or exc}; {kept}; {advice}"
+    try:
+        write_files(tmp)
+        publish_directory(tmp, final)  # the same step saved again (a resumed run) is replaced only once whole
+    except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save and safetensors word ENOSPC their own way
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[-1]
+        return f"cannot save {final}: the write failed ({reason}); {kept}; {advice}"
+    return None
+
+
+def _write_files(tmp: Path, state: dict[str, Any], bank: AdapterBank, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, config_yaml: str, rng: list[dict[str, Any]]) -> None:
+    branches = {name: b for name, b in (("primary", bank.primary), ("aux", bank.aux)) if b is not None}
+    _write_file(tmp, "adapters.safetensors", lambda p: save_file(
+        {name: b.flat.detach().contiguous() for name, b in branches.items()}, str(p),
+        metadata={"layout": json.dumps({name: _layout(b) for name, b in branches.items()})}))
+    _write_file(tmp, "optimizer.pt", lambda p: torch.save({"optimizer": optimizer.state_dict(),
+                                                           "scheduler": scheduler.state_dict()}, p))
+    _write_file(tmp, "rng.pt", lambda p: torch.save(rng, p))
+    _write_file(tmp, "state.json", lambda p: p.write_text(json.dumps(state, indent=2)))
+    _write_file(tmp, "config.yaml", lambda p: p.write_text(config_yaml))
+    files = {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
+    manifest = {"format": FORMAT, "step": state["step"], "files": files}
+    _write_file(tmp, MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2)))
 
 
 def _prune(root: Path, keep_last: int) -> None:

@@ -1,4 +1,5 @@
-"""Command-line entry points: user mistakes become one line on stderr and exit status 2."""
+"""Command-line entry points: user mistakes become one line on stderr and exit status 2, faults a run stops on
+(TrainingFault) one line and exit status 1."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from bilora_dist.errors import UserError
+from bilora_dist.errors import TrainingFault, UserError
 
 # bitsandbytes (the quant extra) warns on import, on CPUs with AVX512-BF16, that an optional kernel
 # package is missing; its CPU path works without it, and the line would sit in front of every message
@@ -24,6 +25,9 @@ def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) 
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingFault as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -93,6 +93,9 @@ class TrainConfig:
     output_dir: str = _opt("outputs/run", "where config, metrics, checkpoints and the adapter go")
     save_every: int = _opt(0, "write a resumable checkpoint every N steps (always at the end; 0: only then)")
     keep_last: int = _opt(2, "checkpoints kept in OUTPUT_DIR/checkpoints, newest first (0: all)")
+    on_save_error: str = _opt("stop", "a checkpoint that cannot be written (disk full): stop the run with one line, "
+                                      "or warn and try again at the next save", choices=("stop", "continue"))
+    max_bad_steps: int = _opt(10, "stop after this many consecutive steps skipped for a non-finite loss or gradient")
     resume: str = _opt("", "auto (newest valid checkpoint in --output-dir, if any) or a checkpoint directory")
     seed: int = _opt(0, "seed of adapter init and data order")
     config: str = _opt("", "YAML file with any of these keys (flags override it)")
@@ -114,7 +117,7 @@ class TrainConfig:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
 
 
-_POSITIVE_INT = ("rank", "micro_batch_size", "grad_accum", "seq_len", "eval_batch_size", "log_every")
+_POSITIVE_INT = ("rank", "micro_batch_size", "grad_accum", "seq_len", "eval_batch_size", "log_every", "max_bad_steps")
 _NON_NEGATIVE = ("squeeze_min_stage", "weight_decay", "max_grad_norm", "max_steps", "eval_every", "epochs", "replica_check_every",
                  "plan_ranks", "save_every", "keep_last", "data_workers", "loss_chunk")
 

@@ -1,4 +1,4 @@
-"""The one exception type for user mistakes: printed as a single line, never as a traceback."""
+"""The exceptions printed as a single line, never as a traceback: user mistakes, and faults a run stops on."""
 
 import argparse
 import difflib
@@ -6,6 +6,11 @@ import difflib
 
 class UserError(Exception):
     """Bad input from the user (flag, file, record, checkpoint). The message names the problem and where."""
+
+
+class TrainingFault(Exception):
+    """A fault of the run itself (repeated non-finite steps, a checkpoint that cannot be written), raised on every
+    rank at once. The message says what is kept (the last good checkpoint) and how to continue."""
 
 
 def unknown_key_message(key: str, known: list[str]) -> str:

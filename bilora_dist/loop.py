@@ -1,5 +1,9 @@
-"""The training loop of one run: each optimizer step, then its squeeze event, metrics row, replica check,
-stop request, checkpoint and evaluation, in that order.
+"""The training loop of one run: each optimizer step, then its non-finite guard, squeeze event, metrics row,
+replica check, stop request, checkpoint and evaluation, in that order.
+
+A step skipped for a non-finite loss or gradient (methods.py) still consumes its batch and its place in the
+learning-rate schedule; `--max-bad-steps` of them in a row stop the run. A checkpoint that cannot be written
+stops it too, or with `--on-save-error continue` is tried again at the next save.
 
 The loop talks to the engine only through `Engine`'s methods and to the adapters only through the
 bank; which engine shards the base is invisible here.
@@ -19,10 +23,11 @@ from transformers import get_scheduler
 from transformers.utils.generic import is_flash_attention_requested
 
 from bilora_dist.adapters.bank import AdapterBank
-from bilora_dist.checkpoint import Checkpoint, save_checkpoint, set_rng_state
+from bilora_dist.checkpoint import Checkpoint, checkpoints_dir, list_checkpoints, save_checkpoint, set_rng_state
 from bilora_dist.config import TrainConfig
 from bilora_dist.data import BatchPlan, collate, collate_packed, ids_and_labels, to_device
 from bilora_dist.engines import Engine
+from bilora_dist.errors import TrainingFault
 from bilora_dist.evaluation import ChoiceTask, evaluate
 from bilora_dist.methods import METHOD_STEPS, StepStats, build_optimizer
 from bilora_dist.metrics import MetricsLog
@@ -113,6 +118,7 @@ class TrainingLoop:
         self.scheduler = build_scheduler(cfg, self.optimizer, budget.total_steps)
         self.start_step, start_example, self.squeeze_history = 0, 0, []
         self.started = 0.0  # when `run` began its first step (perf_counter)
+        self.bad_steps = 0  # consecutive steps skipped by the non-finite guard
         if checkpoint:
             start_example = self._restore(checkpoint)
         self.step_fn = METHOD_STEPS[cfg.method].from_config(model, bank, self.optimizer, engine, cfg)
@@ -141,13 +147,40 @@ class TrainingLoop:
         self.log.write({"step": step, **result})
         return result
 
-    def save(self, step: int) -> Path:
-        """A resumable checkpoint after `step` optimizer steps."""
+    def save(self, step: int) -> Path | None:
+        """A resumable checkpoint after `step` optimizer steps; None if it could not be written and the run goes
+        on (`--on-save-error continue`)."""
         state = {"step": step, "consumed": self.plan.consumed(step), "total_steps": self.budget.total_steps,
                  "global_batch": self.budget.global_batch, "world_size": self.engine.world_size,
                  "squeeze_history": self.squeeze_history, "identity": self.identity}
-        return save_checkpoint(self.out, state, self.bank, self.optimizer, self.scheduler, self.cfg.to_yaml(),
-                               self.engine, self.cfg.keep_last)
+        try:
+            return save_checkpoint(self.out, state, self.bank, self.optimizer, self.scheduler, self.cfg.to_yaml(),
+                                   self.engine, self.cfg.keep_last)
+        except TrainingFault as fault:
+            if self.cfg.on_save_error == "stop":
+                raise
+            say(self.engine, f"warning: {fault}; training goes on (--on-save-error continue)")
+            self.log.write({"step": step, "save_error": str(fault)})
+            return None
+
+    def guard(self, done: int, stats: StepStats) -> dict[str, Any]:
+        """The metrics fields of a step the non-finite guard skipped (one warning line each); at --max-bad-steps
+        skips in a row, TrainingFault on every rank (all see the same reduced values)."""
+        if not stats.skipped:
+            self.bad_steps = 0
+            return {}
+        self.bad_steps += 1
+        first, limit = done - self.bad_steps + 1, self.cfg.max_bad_steps
+        if self.bad_steps >= limit:
+            self.log.write({"step": done, "skipped": stats.skipped, "bad_steps": self.bad_steps})
+            newest = list_checkpoints(checkpoints_dir(self.out))
+            raise TrainingFault(
+                f"steps {first}-{done}: {self.bad_steps} in a row skipped for a non-finite loss or gradient "
+                f"(--max-bad-steps {limit}), last: {stats.skipped}; the adapters are unchanged since step {first - 1} "
+                f"and the newest checkpoint is {newest[0] if newest else 'none'}; lower --lr or check the data")
+        say(self.engine, f"warning: step {done} skipped ({stats.skipped}): no update; {self.bad_steps} in a row "
+                         f"(the run stops at --max-bad-steps {limit})")
+        return {"skipped": stats.skipped, "bad_steps": self.bad_steps}
 
     def step(self, step: int) -> tuple[StepStats, float, StepTokens, float]:
         """Optimizer step `step` (0-based) on this rank's micro-batches: (stats, lr, the step's tokens over all
@@ -203,7 +236,7 @@ class TrainingLoop:
                          dynamic_ncols=True, initial=self.start_step, total=total):
             done, (stats, lr, seen, t0) = step + 1, self.step(step)
             last = done == total
-            row = {**self.squeeze_event(done), **self.progress(done, stats, lr, seen, t0)}
+            row = {**self.guard(done, stats), **self.squeeze_event(done), **self.progress(done, stats, lr, seen, t0)}
             if cfg.replica_check_every and (done % cfg.replica_check_every == 0 or last):
                 row["adapter_sha256"] = check_replicas(self.engine, self.bank, done)
             stopping = stop.agreed(self.engine)
@@ -214,8 +247,8 @@ class TrainingLoop:
             if last or stopping or (cfg.save_every and done % cfg.save_every == 0):
                 saved = self.save(done)
                 if stopping:
-                    say(self.engine, f"stopped by {row['stopped_by']} after step {done}; checkpoint {saved}; "
-                                     "continue with --resume auto")
+                    say(self.engine, f"stopped by {row['stopped_by']} after step {done}; checkpoint "
+                                     f"{saved or 'not written'}; continue with --resume auto")
                     return done
             if cfg.eval_every and done % cfg.eval_every == 0 and not last:
                 self.evaluate(done)

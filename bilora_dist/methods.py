@@ -6,10 +6,15 @@ equals the single-process step on the same global batch, whatever the world size
 
 A method is a step class registered in METHOD_STEPS; `from_config` picks its options from the run's
 configuration, so a new method is one class plus one `register_method` call.
+
+A step whose reduced loss or gradient is not finite is skipped: no optimizer update (moments untouched),
+no projection, `StepStats.skipped` says why. Every rank reads the same all-reduced bucket, so all agree
+without another collective.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +35,7 @@ class StepStats:
     tokens: int
     grad_norm: float
     aux_norm: float | None = None
+    skipped: str | None = None  # why no update was made: "non-finite loss" or "non-finite gradient"
 
 
 def build_optimizer(bank: AdapterBank, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
@@ -75,6 +81,13 @@ class LoRAStep:
         bucket.flat.div_(max(tokens, 1))
         return loss_sum / max(tokens, 1), tokens
 
+    def nonfinite(self, loss: float) -> str | None:
+        """Why the step just reduced cannot be applied, or None."""
+        if not math.isfinite(loss):
+            return "non-finite loss"
+        assert self.bank.grad_bucket is not None
+        return None if bool(torch.isfinite(self.bank.grad_bucket.flat).all()) else "non-finite gradient"
+
     def clip_primary(self) -> float:
         """Clip the primary gradient only (the auxiliary is never clipped with it); return its norm."""
         grad = self.bank.primary.flat.grad
@@ -85,6 +98,8 @@ class LoRAStep:
 
     def __call__(self, micro_batches: list[dict[str, Tensor]]) -> StepStats:
         loss, tokens = self.forward_backward(micro_batches)
+        if skipped := self.nonfinite(loss):
+            return StepStats(loss, tokens, math.nan, skipped=skipped)
         norm = self.clip_primary()
         self.optimizer.step()
         return StepStats(loss, tokens, norm)
@@ -112,7 +127,8 @@ class BiLoRAStep(_RadiusStep):
     def __call__(self, micro_batches: list[dict[str, Tensor]]) -> StepStats:
         assert self.bank.aux is not None
         stats = super().__call__(micro_batches)
-        stats.aux_norm = min(self.bank.project_aux(self.rho), self.rho)
+        if not stats.skipped:
+            stats.aux_norm = min(self.bank.project_aux(self.rho), self.rho)
         return stats
 
 
@@ -124,12 +140,16 @@ class SAMStep(_RadiusStep):
     def __call__(self, micro_batches: list[dict[str, Tensor]]) -> StepStats:
         flat = self.bank.primary.flat
         loss, tokens = self.forward_backward(micro_batches)
+        if skipped := self.nonfinite(loss):
+            return StepStats(loss, tokens, math.nan, skipped=skipped)
+        theta = flat.detach().clone()
         with torch.no_grad():
-            eps = flat.grad * (self.rho / (float(flat.grad.norm()) + 1e-12))
-            flat.add_(eps)
-        self.forward_backward(micro_batches)
+            flat.add_(flat.grad * (self.rho / (float(flat.grad.norm()) + 1e-12)))
+        perturbed_loss, _ = self.forward_backward(micro_batches)
         with torch.no_grad():
-            flat.sub_(eps)
+            flat.copy_(theta)  # exactly theta: subtracting the step back would round
+        if skipped := self.nonfinite(perturbed_loss):
+            return StepStats(loss, tokens, math.nan, skipped=f"{skipped} at the perturbed point")
         norm = self.clip_primary()
         self.optimizer.step()
         return StepStats(loss, tokens, norm)

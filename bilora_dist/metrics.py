@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 
 class MetricsLog:
-    """Appends rows to DIR/metrics.jsonl and DIR/tensorboard/; a no-op on non-main ranks."""
+    """Appends rows to DIR/metrics.jsonl (non-finite numbers as null) and DIR/tensorboard/; a no-op on non-main
+    ranks."""
 
     def __init__(self, out_dir: Path, enabled: bool):
         self.enabled = enabled
@@ -21,10 +23,11 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}  # strict JSON
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
         for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and value is not None:
+            if key != "step" and isinstance(value, (int, float)):
                 self._tb.add_scalar(key, value, row["step"])
 
     def close(self) -> None:

@@ -14,19 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from bilora_dist.activations import meta_bank
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.adapters.bank import AdapterBank, LayerShape
 from bilora_dist.adapters.inject import check_rank, peft_target_modules
 from bilora_dist.checkpoint import (Checkpoint, check_compatible, check_step_budget, checkpoints_dir, find_checkpoint,
-                                    load_checkpoint, read_state, restore_bank)
+                                    list_checkpoints, load_checkpoint, read_state, restore_bank)
 from bilora_dist.config import TrainConfig
 from bilora_dist.data import Prepared, prepare_examples
 from bilora_dist.data.tokenize import TokenizeOptions
 from bilora_dist.embedded import DEFAULT_EVAL, DEFAULT_TRAIN
 from bilora_dist.engines import Engine, check_quantized_zero, make_engine, resolve_engine_name
-from bilora_dist.errors import UserError
+from bilora_dist.errors import TrainingFault, UserError
 from bilora_dist.evaluation import choice_task
 from bilora_dist.export import save_peft_adapter
 from bilora_dist.loop import Budget, RunData, TrainingLoop, say
@@ -242,7 +243,7 @@ def attach_and_wrap(cfg: TrainConfig, engine: Engine, model: torch.nn.Module, ba
 
 def finish(cfg: TrainConfig, loop: TrainingLoop, model_path: str, resume_from: Path | None) -> dict[str, float]:
     """Evaluate after training, log time, memory and holdings, write the PEFT adapter; the evaluation."""
-    engine, bank = loop.engine, loop.bank
+    engine = loop.engine
     train_s = time.perf_counter() - loop.started
     after = loop.evaluate(loop.budget.total_steps)
     say(engine, f"after training:  {after}")
@@ -250,18 +251,33 @@ def finish(cfg: TrainConfig, loop: TrainingLoop, model_path: str, resume_from: P
     dtype = cfg.dtype
     loop.log.write({"step": loop.budget.total_steps, "train_s": train_s,
                     "peak_mem_mb": [round(b / 2**20, 1) for b in peaks], **_holdings(loop, dtype)})
+    write_adapter(cfg, loop, model_path, resume_from)
+    return after
+
+
+def write_adapter(cfg: TrainConfig, loop: TrainingLoop, model_path: str, resume_from: Path | None) -> None:
+    """The run's PEFT adapter in OUTPUT_DIR/adapter (main rank); TrainingFault on every rank if it cannot be
+    written (a full disk), naming the checkpoint to export it from."""
+    engine, bank, out = loop.engine, loop.bank, Path(cfg.output_dir) / "adapter"
+    problem = None
     if engine.is_main:
         provenance = {"method": cfg.method, "rho": cfg.rho, "rank": cfg.rank, "alpha": cfg.alpha,
                       "aux_rank": cfg.aux_rank if cfg.method == "bilora" else None, "steps": loop.budget.total_steps,
                       "engine": engine.name, "world_size": engine.world_size, "squeeze": cfg.squeeze or None,
                       "squeeze_history": loop.squeeze_history,
                       "resumed_from": str(resume_from) if resume_from else None}
-        save_peft_adapter(bank.primary, Path(cfg.output_dir) / "adapter",
-                          peft_target_modules(cfg.target_modules, [s.name for s in bank.shapes if not s.experts]),
-                          cfg.model or model_path,
-                          provenance)  # a hub id stays a hub id
-        say(engine, f"adapter written to {Path(cfg.output_dir) / 'adapter'}")
-    return after
+        try:
+            save_peft_adapter(bank.primary, out,
+                              peft_target_modules(cfg.target_modules, [s.name for s in bank.shapes if not s.experts]),
+                              cfg.model or model_path, provenance)  # a hub id stays a hub id
+            say(engine, f"adapter written to {out}")
+        except (OSError, SafetensorError) as exc:
+            newest = list_checkpoints(checkpoints_dir(cfg.output_dir))
+            problem = (f"cannot write the adapter to {out} ({getattr(exc, 'strerror', None) or exc}); free space, then "
+                       + (f"python launch/export.py --checkpoint {newest[0]} --out {out}" if newest else
+                          "run again"))
+    if (problem := engine.gather_object(problem)[0]) is not None:
+        raise TrainingFault(problem)
 
 
 def _holdings(loop: TrainingLoop, dtype: torch.dtype) -> dict[str, Any]:

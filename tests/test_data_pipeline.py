@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 import os
 import shutil
@@ -178,7 +179,9 @@ def test_parquet_csv_and_saved_dataset_directories_load(tokenizer, tmp_path, tra
     (tmp_path / "folder").mkdir()
     _write_jsonl(tmp_path / "folder" / "train.jsonl", train_records[:6])
     expected = _rows(tokenize(r, tokenizer, 64) for r in train_records[:6])
-    for spec in ("d.parquet", "d.csv", "saved", "folder"):
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in train_records[:6])
+                                                        .encode()))
+    for spec in ("d.parquet", "d.csv", "d.jsonl.gz", "saved", "folder"):
         assert _rows(_prepare(tmp_path / spec, tokenizer, tmp_path / "cache").examples) == expected, spec
     test = _prepare(f"{tmp_path / 'saved'}:test", tokenizer, tmp_path / "cache")
     assert list(test.records) == train_records[6:9]
@@ -206,8 +209,21 @@ def test_bad_inputs_are_one_line_errors_naming_file_and_row(tokenizer, tmp_path,
     assert error("e.json", json.dumps(train_records[:2] + [{"prompt": "x", "completion": 3}])).endswith(
         "record 3: 'prompt' and 'completion' must both be strings")
     assert error("f.json", "[{\"text\": ").endswith("malformed JSON at line 1 (Expecting value)")
-    assert error("g.txt", "hello\n").endswith(
-        "unsupported file type '.txt' (use .jsonl, .json, .parquet, .csv, a datasets dir or a cached dataset name)")
+    assert error("g.txt", "hello\n").endswith("unsupported file type '.txt' (use .jsonl, .json or .csv, each also "
+                                              ".gz/.bz2/.xz compressed, .parquet, a datasets dir or a cached dataset name)")
+    assert error("i.jsonl", "").endswith("i.jsonl: dataset is empty")  # 0 bytes
+    assert error("j.parquet", "not parquet\n").endswith(
+        "cannot be read (Parquet magic bytes not found in footer. Either the file is corrupted or this is not a "
+        "parquet file.)")
+    assert error("k.jsonl", json.dumps(CHAT | {"messages": [{"role": "robot", "content": "x"}] + CHAT["messages"]})
+                 ).endswith("line 1: messages[0]: unknown role 'robot' (expected system, user, assistant, tool)")
+    (tmp_path / "l.jsonl.gz").write_bytes(gzip.compress((good + '{"prompt": 1}\n').encode()))
+    with pytest.raises(UserError, match=r"l\.jsonl\.gz: line 5: 'prompt' and 'completion' must both be strings"):
+        _prepare(tmp_path / "l.jsonl.gz", tokenizer, tmp_path / "cache", workers=workers)
+    (tmp_path / "no_data").mkdir()
+    (tmp_path / "no_data" / "README.md").write_text("# notes\n")
+    with pytest.raises(UserError, match="no_data: neither a saved datasets directory nor a folder of data files"):
+        _prepare(tmp_path / "no_data", tokenizer, tmp_path / "cache", workers=workers)
     assert not list((tmp_path / "cache").glob(".tmp-*"))  # failed preparations leave nothing behind
     with pytest.raises(UserError, match="--data: file not found: .*nope.jsonl"):
         _prepare(tmp_path / "nope.jsonl", tokenizer, tmp_path / "cache")
@@ -231,3 +247,15 @@ def test_two_ranks_tokenize_once_and_read_the_same_examples(tmp_path, train_reco
     # the main rank's error reaches the other rank as the same line instead of leaving it waiting
     assert results["bad"][0]["error"] == results["bad"][1]["error"]
     assert results["bad"][0]["error"].endswith("line 4: 'completion' is empty")
+
+
+def test_an_unreadable_file_is_one_line(tokenizer, tmp_path, train_records, monkeypatch):
+    path = _write_jsonl(tmp_path / "locked.jsonl", train_records[:2])
+    path.chmod(0)
+    if os.geteuid() == 0:  # root reads past permission bits: refuse the open as the kernel would for a user
+        def refuse(file, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(file))
+        monkeypatch.setattr("bilora_dist.data.source.open", refuse, raising=False)
+    with pytest.raises(UserError) as info:
+        _prepare(path, tokenizer, tmp_path / "cache")
+    assert str(info.value) == f"--data {path}: cannot be read (Permission denied)"

@@ -169,3 +169,46 @@ def test_sam_step_takes_gradient_at_perturbed_point(float64, tiny_model_dir, tok
     m, v = (1 - BETAS[0]) * g2, (1 - BETAS[1]) * g2 * g2
     want = theta - LR * (m / (1 - BETAS[0])) / ((v / (1 - BETAS[1])).sqrt() + EPS)
     torch.testing.assert_close(bank.primary.flat.detach(), want, rtol=1e-6, atol=1e-7)
+
+
+def _poisoned(calls: set[int], how: str):
+    """token_loss_sum whose loss is NaN (`how` "loss") or finite with a NaN gradient ("gradient") on the given calls
+    (0-based, counted over every micro-batch pass)."""
+    from bilora_dist.loss import token_loss_sum
+    count = iter(range(10**6))
+
+    def poisoned(model, batch):
+        loss, tokens = token_loss_sum(model, batch)
+        if next(count) in calls:  # sqrt(0 * loss) is 0 with an infinite slope: a finite loss, a NaN gradient
+            loss = loss * math.nan if how == "loss" else loss + torch.sqrt(0 * loss)
+        return loss, tokens
+    return poisoned
+
+
+@pytest.mark.parametrize("method,poison_pass", [("lora", 0), ("bilora", 0), ("lora-sam", 0), ("lora-sam", 1)])
+@pytest.mark.parametrize("how", ["loss", "gradient"])
+def test_a_non_finite_step_changes_nothing_and_the_next_step_is_as_if_it_never_came(
+        tiny_model_dir, tokenizer, train_records, monkeypatch, method, poison_pass, how):
+    passes = METHOD_STEPS[method].passes
+    batches = [_batches(tokenizer, train_records[k * 8:], n_micro=2) for k in range(3)]
+
+    def run(steps, calls=frozenset()):
+        model, bank = _setup(tiny_model_dir, method)
+        optimizer = _optimizer(bank, LR, WD)
+        step = METHOD_STEPS[method](model, bank, optimizer, Engine(), CLIP, *([] if method == "lora" else [0.05]))
+        monkeypatch.setattr("bilora_dist.methods.token_loss_sum", _poisoned(set(calls), how))
+        stats = [step(batches[k]) for k in steps]
+        state = {k: v.clone() for k, v in optimizer.state[bank.primary.flat].items()}
+        return stats, [b.flat.detach().clone() for b in bank.branches()], state
+
+    # step 2 of 3 poisoned on micro-batch 1 of the chosen pass
+    stats, flats, moments = run([0, 1], {passes * 2 + poison_pass * 2 + 1})
+    _, want_flats, want_moments = run([0])
+    assert stats[1].skipped == f"non-finite {how}" + (" at the perturbed point" if poison_pass else "")
+    assert stats[0].skipped is None and math.isnan(stats[1].grad_norm)
+    assert all(torch.equal(a, b) for a, b in zip(flats, want_flats))
+    assert moments.keys() == want_moments.keys() and all(torch.equal(moments[k], want_moments[k]) for k in moments)
+    _, flats, moments = run([0, 1, 2], {passes * 2 + poison_pass * 2 + 1})
+    _, want_flats, want_moments = run([0, 2])
+    assert all(torch.equal(a, b) for a, b in zip(flats, want_flats))
+    assert all(torch.equal(moments[k], want_moments[k]) for k in moments)

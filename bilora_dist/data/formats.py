@@ -18,6 +18,7 @@ FORMATS: tuple[str, ...] = ("alpaca", "sharegpt", "messages", "prompt_completion
 # `text` column that many alpaca and chat datasets also carry.
 _COLUMNS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
             "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -70,6 +71,9 @@ def _messages_error(record: dict[str, Any]) -> str | None:
     if not isinstance(msgs, list) or not msgs or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
         return "'messages' must be a non-empty list of {role, content} strings"
+    for i, m in enumerate(msgs):
+        if m["role"] not in MESSAGE_ROLES:
+            return f"messages[{i}]: unknown role '{m['role']}' (expected {', '.join(MESSAGE_ROLES)})"
     return None if any(m["role"] == "assistant" for m in msgs) else "'messages' has no assistant turn"
 
 

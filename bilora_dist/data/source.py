@@ -7,32 +7,41 @@ parsing anything), and read only when its tokenized form is not cached (`Source.
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
 import json
+import lzma
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 from unittest import mock
 
 import datasets
 from datasets.exceptions import DatasetGenerationError
+from huggingface_hub.utils import logging as hf_hub_logging
 
 from bilora_dist.errors import UserError
 
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # text formats only, as `datasets` reads them
 _NOT_CACHED = (ConnectionError, FileNotFoundError)  # what an offline load of an uncached name raises
 
 
 @contextlib.contextmanager
 def quiet_datasets() -> Iterator[None]:
-    """No progress bars or log lines from `datasets` (an error must stay one line on stderr; its JSON reader logs
+    """No progress bars or log lines from `datasets` or the hub client (an error must stay one line on stderr; its JSON reader logs
     the errors it raises)."""
     bars, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    hub_verbosity = hf_hub_logging.get_verbosity()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    hf_hub_logging.set_verbosity(hf_hub_logging.CRITICAL)  # "Repo card metadata block was not found" for a folder
     try:
         yield
     finally:
+        hf_hub_logging.set_verbosity(hub_verbosity)
         datasets.logging.set_verbosity(verbosity)
         if bars:
             datasets.enable_progress_bars()
@@ -51,7 +60,7 @@ class Source:
     @property
     def row_word(self) -> str:
         """How error lines count records: JSON lines by line, a JSON array by record, tables by row."""
-        return {".jsonl": "line", ".json": "record"}.get(Path(self.location).suffix, "row") if self.kind == "file" \
+        return {".jsonl": "line", ".json": "record"}.get(file_type(Path(self.location)), "row") if self.kind == "file" \
             else "row"
 
     def read(self, flag: str, work_dir: Path) -> datasets.Dataset:
@@ -81,7 +90,7 @@ class Source:
         """The 1-based line/record/row number of dataset row `index` (JSON lines: blank lines count)."""
         if self.row_word != "line":
             return index + 1
-        with open(self.location, encoding="utf-8") as f:
+        with open_text(Path(self.location)) as f:
             seen = -1
             for lineno, line in enumerate(f, 1):
                 seen += bool(line.strip())
@@ -90,21 +99,36 @@ class Source:
         return index + 1
 
 
+def _readable(source: Source, flag: str) -> Source:
+    """`source`, once each of its files opens for reading; else a UserError naming the first that does not."""
+    for path in source.files:
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            where = "" if source.kind == "file" else f" {path}"
+            raise UserError(f"{flag} {source.spec}:{where} cannot be read ({exc.strerror or exc})") from None
+    return source
+
+
 def locate(spec: str, flag: str) -> Source:
     """The source `spec` names: a file, a directory (saved by `save_to_disk`, or a folder of data files) with an
     optional `:SPLIT`, or `NAME[:SPLIT]` of a dataset in the local Hugging Face cache (hub snapshots in
     HF_HUB_CACHE, then datasets prepared by `load_dataset` in HF_DATASETS_CACHE)."""
     path = Path(spec)
     if path.is_file():
-        if path.suffix not in LOADERS:
-            raise UserError(f"{flag} {spec}: unsupported file type '{path.suffix}' "
-                            "(use .jsonl, .json, .parquet, .csv, a datasets dir or a cached dataset name)")
-        return Source(spec, "file", spec, (path,))
+        kind, compressed = file_type(path), path.suffix in COMPRESSIONS
+        if kind not in LOADERS or (kind == ".parquet" and compressed):
+            shown = kind + path.suffix if compressed else path.suffix
+            raise UserError(f"{flag} {spec}: unsupported file type '{shown}' (use .jsonl, "
+                            ".json or .csv, each also .gz/.bz2/.xz compressed, .parquet, a datasets dir or a cached "
+                            "dataset name)")
+        return _readable(Source(spec, "file", spec, (path,)), flag)
     base, split = spec.rsplit(":", 1) if ":" in spec and not path.exists() else (spec, None)
     if Path(base).is_dir():
         saved = any((Path(base) / f).is_file() for f in ("state.json", "dataset_dict.json"))
-        return Source(spec, "saved" if saved else "folder", base, _files_under(Path(base)), split)
-    if Path(base).exists() or Path(base).suffix in LOADERS or base.startswith(("/", ".", "~")) or base.count("/") > 1:
+        return _readable(Source(spec, "saved" if saved else "folder", base, _files_under(Path(base)), split), flag)
+    if Path(base).exists() or file_type(Path(base)) in LOADERS or base.startswith(("/", ".", "~")) or base.count("/") > 1:
         raise UserError(f"{flag}: file not found: {spec}")
     return _locate_name(spec, base, split, flag)
 
@@ -150,21 +174,43 @@ def _pick_split(ds: datasets.Dataset | datasets.DatasetDict, split: str | None, 
     return ds[split or ("train" if "train" in ds else next(iter(ds)))]
 
 
+def file_type(path: Path) -> str:
+    """The data format's suffix of `path`, under a compression suffix: '.jsonl' for both a.jsonl and a.jsonl.gz."""
+    return path.suffixes[-2] if path.suffix in COMPRESSIONS and len(path.suffixes) > 1 else path.suffix
+
+
+def open_text(path: Path) -> IO[str]:
+    """`path` opened as UTF-8 text, decompressed if its suffix says it is compressed."""
+    opener = COMPRESSIONS.get(path.suffix)
+    return opener(path, "rt", encoding="utf-8") if opener else open(path, encoding="utf-8")
+
+
+def _has_text(path: Path) -> bool:
+    """Whether the (decompressed) file holds anything but whitespace."""
+    with open_text(path) as f:
+        return any(line.strip() for line in f)
+
+
 def _read_file(path: Path, flag: str, spec: str, work_dir: Path) -> datasets.Dataset:
     try:
-        return datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train", cache_dir=str(work_dir))
+        empty = path.stat().st_size == 0 or (file_type(path) != ".parquet" and not _has_text(path))
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
+        raise UserError(f"{flag} {spec}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    if empty:
+        raise UserError(f"{flag} {spec}: dataset is empty")
+    try:
+        return datasets.load_dataset(LOADERS[file_type(path)], data_files=str(path), split="train",
+                                     cache_dir=str(work_dir))
     except DatasetGenerationError as exc:
         raise UserError(f"{flag} {spec}: {_json_problem(path) or f'cannot be read ({exc.__cause__ or exc})'}") from None
-    except ValueError as exc:  # `datasets` finds no rows in a file without records
-        if path.stat().st_size == 0 or not path.read_text(encoding="utf-8").strip():
-            raise UserError(f"{flag} {spec}: dataset is empty") from None
+    except ValueError as exc:
         raise UserError(f"{flag} {spec}: cannot be read ({exc})") from None
 
 
 def _json_problem(path: Path) -> str | None:
     """Where a JSON file that `datasets` could not read is broken, worded as a person would look for it."""
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
+    if file_type(path) == ".jsonl":
+        with open_text(path) as f:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     try:
@@ -174,9 +220,10 @@ def _json_problem(path: Path) -> str | None:
                     if not isinstance(record, dict):
                         return f"line {lineno}: not a JSON object"
         return None
-    if path.suffix == ".json":
+    if file_type(path) == ".json":
         try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
+            with open_text(path) as f:
+                loaded = json.load(f)
         except json.JSONDecodeError as exc:
             return f"malformed JSON at line {exc.lineno} ({exc.msg})"
         if not isinstance(loaded, list) or not all(isinstance(r, dict) for r in loaded):

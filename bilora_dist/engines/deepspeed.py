@@ -12,10 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from bilora_dist.ds_config import hidden_size_of, resolve, unused_line
-from bilora_dist.engines.distributed import DataParallelEngine, single_process_defaults
+from bilora_dist.engines.distributed import DataParallelEngine, init_process_group, single_process_defaults
 from bilora_dist.modeling import LoadOptions, load_config, load_frozen_model
 
 # DeepSpeedZeRoOffload's parameter-partitioning options, under DeepSpeedZeroConfig's field names
@@ -35,8 +36,10 @@ class DeepSpeedEngine(DataParallelEngine):
             # that build leaves a lock file that every later launch waits on forever.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         if not deepspeed.comm.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if deepspeed.get_accelerator().device_name() == "cuda"
-                                       else "gloo")
+            backend = "nccl" if deepspeed.get_accelerator().device_name() == "cuda" else "gloo"
+            if not dist.is_initialized():
+                init_process_group(backend, 1800.0)  # restart-safe under torchrun; DeepSpeed adopts the group
+            deepspeed.init_distributed(dist_backend=backend)
         super().__init__()
         self.user_config = ds_config
         self.ds_config: dict[str, Any] = {}  # what DeepSpeed receives: resolve()d once the model config is known

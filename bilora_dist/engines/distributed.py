@@ -20,6 +20,20 @@ def single_process_defaults() -> None:
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
 
 
+def init_process_group(backend: str, timeout_s: float) -> None:
+    """The default process group over env:// (the launchers' variables). Under torchrun, the rendezvous store
+    outlives a restart of the group (`--max-restarts`) and still holds the dead attempt's addresses, which the
+    new ranks would read and fail to connect to; each attempt therefore keys its group under its own prefix."""
+    timeout = timedelta(seconds=timeout_s)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"bilora_dist/attempt_{attempt}", store), rank=rank,
+                            world_size=world_size, timeout=timeout)
+
+
 class DataParallelEngine(Engine):
     """Every rank holds the whole frozen base (what ZeRO-1/2 amount to when only adapters train)."""
 
@@ -28,8 +42,7 @@ class DataParallelEngine(Engine):
     def __init__(self, timeout_s: float = 1800.0):
         single_process_defaults()
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+            init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout_s)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         if torch.cuda.is_available():
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
