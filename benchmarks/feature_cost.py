@@ -34,7 +34,7 @@ VARIANTS = {  # name: (records, extra flags)
     "seq 1024, checkpointing": ("long", ["--seq-len", "1024", "--gradient-checkpointing"]),
     "seq 1024, checkpointing, --loss-chunk 0": ("long", ["--seq-len", "1024", "--gradient-checkpointing",
                                                           "--loss-chunk", "0"]),
-    "seq 1024, no checkpointing": ("long", ["--seq-len", "1024"]),
+    "seq 1024, no checkpointing": ("long", ["--seq-len", "1024", "--gradient-checkpointing", "false"]),
     "seq 1024, checkpointing, --bf16 true": ("long", ["--seq-len", "1024", "--gradient-checkpointing", "--bf16"]),
     "mixed lengths, seq 1024, unpacked": ("mixed", ["--seq-len", "1024", "--gradient-checkpointing"]),
     "mixed lengths, seq 1024, --packing": ("mixed", ["--seq-len", "1024", "--gradient-checkpointing", "--packing"]),

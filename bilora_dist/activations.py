@@ -10,13 +10,15 @@ q, k, v, the output and the log-sum-exp, never the seq x seq probabilities: on m
 its math fallback and save those. `eager` attention is traced as it runs. The 4-D padding mask
 (batch x seq x seq booleans) is a block input, as in a padded batch.
 
-Gradient checkpointing (HF's, non-reentrant) keeps each block's inputs and whatever is saved outside
-the blocks; during backward one block at a time is recomputed, which holds that block's saved tensors
-again on top: the largest block's is the recompute peak.
+Gradient checkpointing (HF's, non-reentrant) of a set of blocks keeps those blocks' inputs instead of what
+they save; the other blocks and whatever runs outside the blocks save as without it. During backward one
+recomputed block at a time holds its saved tensors again on top: the largest such block's is the recompute
+peak.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -29,24 +31,35 @@ from torch.utils._pytree import tree_leaves
 
 from bilora_dist.adapters import inject
 from bilora_dist.adapters.bank import AdapterBank, Branch, LayerShape
-from bilora_dist.modeling import shard_units
+from bilora_dist.modeling import decoder_blocks
 
 META = torch.device("meta")
 
 
+OUTSIDE = -1  # "saved outside every decoder block", in ActivationTrace.storages
+
+
 @dataclass(frozen=True)
 class ActivationTrace:
-    """Saved-for-backward bytes of one micro-batch."""
+    """Saved-for-backward bytes of one micro-batch, by the decoder blocks that saved them or take them in."""
 
-    full_bytes: int  # without gradient checkpointing: everything the forward pass saves
-    kept_bytes: int  # with it: the blocks' inputs and what is saved outside the blocks
-    recompute_bytes: int  # with it: the largest block's saved tensors, rebuilt during its backward
+    storages: tuple[tuple[int, frozenset[int], frozenset[int]], ...]  # (bytes, blocks saving it, blocks it enters)
+    blocks: int
 
-    def activations(self, checkpointing: bool) -> int:
-        return self.kept_bytes if checkpointing else self.full_bytes
+    def activations(self, recomputed: Collection[int]) -> int:
+        """Bytes alive when backward starts with the blocks `recomputed` (indices) checkpointed: what anything
+        else saves, and the recomputed blocks' inputs."""
+        recomputed = frozenset(recomputed)
+        return sum(n for n, saving, entering in self.storages if saving - recomputed or entering & recomputed)
 
-    def recompute(self, checkpointing: bool) -> int:
-        return self.recompute_bytes if checkpointing else 0
+    def recompute(self, recomputed: Collection[int]) -> int:
+        """The largest of the `recomputed` blocks' own saved bytes, rebuilt during its backward."""
+        own = [0] * self.blocks
+        for n, saving, entering in self.storages:
+            if not entering and OUTSIDE not in saving:
+                for block in saving:
+                    own[block] += n
+        return max((own[i] for i in recomputed), default=0)
 
 
 class _FusedAttention(TorchFunctionMode):
@@ -80,26 +93,27 @@ def trace_activations(model: nn.Module, bank: AdapterBank, batch: int, seq: int,
                       attention: str = "sdpa") -> ActivationTrace:
     """Trace one forward pass of `model` (built on meta, frozen) with `bank` (on meta) attached."""
     resident = {_key(t) for t in (*model.parameters(), *model.buffers(), *bank.parameters())}
-    head = model.get_output_embeddings()
-    blocks = [u for u in shard_units(model) if u is not model.get_input_embeddings() and u is not head]
-    saved: dict[int, tuple[int, int | None, Tensor]] = {}  # storage -> (bytes, block that first saved it, tensor)
-    inputs: dict[int, tuple[int, Tensor]] = {}
-    current: list[int | None] = [None]
+    blocks = decoder_blocks(model)
+    seen: dict[int, tuple[int, set[int], set[int], Tensor]] = {}  # storage -> (bytes, saving, entering, a tensor)
+    current = [OUTSIDE]
+
+    def record(t: Tensor) -> tuple[int, set[int], set[int], Tensor]:
+        return seen.setdefault(_key(t), (t.untyped_storage().nbytes(), set(), set(), t))  # t keeps the key unique
 
     def enter(index: int):
         def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
             current[0] = index
             for t in tree_leaves((args, kwargs)):
                 if isinstance(t, Tensor) and _key(t) not in resident:
-                    inputs.setdefault(_key(t), (t.untyped_storage().nbytes(), t))
+                    record(t)[2].add(index)
         return hook
 
     def leave(module: nn.Module, args: Any, output: Any) -> None:
-        current[0] = None
+        current[0] = OUTSIDE
 
     def pack(t: Tensor) -> Tensor:
-        if _key(t) not in resident and _key(t) not in saved:
-            saved[_key(t)] = (t.untyped_storage().nbytes(), current[0], t)  # holding t keeps the key unique
+        if _key(t) not in resident:
+            record(t)[1].add(current[0])
         return t
 
     handles = inject(model, bank)
@@ -115,7 +129,5 @@ def trace_activations(model: nn.Module, bank: AdapterBank, batch: int, seq: int,
     finally:
         for handle in handles:
             handle.remove()
-    kept = {k: n for k, (n, block, _) in saved.items() if block is None} | {k: n for k, (n, _) in inputs.items()}
-    per_block = [sum(n for k, (n, block, _) in saved.items() if block == i and k not in kept)
-                 for i in range(len(blocks))]
-    return ActivationTrace(sum(n for n, _, _ in saved.values()), sum(kept.values()), max(per_block, default=0))
+    return ActivationTrace(tuple((n, frozenset(saving), frozenset(entering)) for n, saving, entering, _ in
+                                 seen.values() if saving or entering), len(blocks))

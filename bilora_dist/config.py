@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -63,7 +64,13 @@ class TrainConfig:
     micro_batch_size: int = _opt(8, "sequences per micro-batch per rank")
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
     seq_len: int = _opt(256, "truncate sequences to this many tokens")
-    gradient_checkpointing: bool = _opt(False, "recompute activations in backward")
+    gradient_checkpointing: str = _opt("auto", "recompute activations in backward (auto: the least recomputation "
+                                                "whose planned peak fits --memory-budget; a bare flag means true)",
+                                        choices=("auto", "true", "false"), bare="true")
+    checkpoint_every: int = _opt(0, "with --gradient-checkpointing true: checkpoint only every K-th decoder block "
+                                    "(0 or 1: all)")
+    memory_budget: str = _opt("", "memory per rank that --gradient-checkpointing auto plans for, e.g. 70GB "
+                                  "(default: the device's free memory)")
     bf16: str = _opt("auto", "frozen base in bfloat16, adapters, their optimizer and norms fp32 (auto: on where the "
                              "device supports it, CUDA with bf16; a bare --bf16 means true)",
                      choices=("auto", "true", "false"), bare="true")
@@ -119,7 +126,7 @@ class TrainConfig:
 
 _POSITIVE_INT = ("rank", "micro_batch_size", "grad_accum", "seq_len", "eval_batch_size", "log_every", "max_bad_steps")
 _NON_NEGATIVE = ("squeeze_min_stage", "weight_decay", "max_grad_norm", "max_steps", "eval_every", "epochs", "replica_check_every",
-                 "plan_ranks", "save_every", "keep_last", "data_workers", "loss_chunk")
+                 "plan_ranks", "save_every", "keep_last", "data_workers", "loss_chunk", "checkpoint_every")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -150,6 +157,16 @@ def validate(cfg: TrainConfig) -> None:
     if not (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1 and cfg.adam_epsilon > 0 and cfg.warmup_steps >= 0):
         raise UserError(f"AdamW needs betas in [0, 1), epsilon > 0 and --warmup-steps >= 0, got betas "
                         f"({cfg.adam_beta1}, {cfg.adam_beta2}), epsilon {cfg.adam_epsilon}, {cfg.warmup_steps} steps")
+    if cfg.memory_budget:
+        parse_size(cfg.memory_budget, "--memory-budget")
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Bytes of a size such as 500MB or 2GB (binary units); UserError naming `flag` otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)\s*", text.upper())
+    if not match:
+        raise UserError(f"{flag} '{text}': expected a size such as 500MB or 2GB")
+    return int(float(match[1]) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}[match[2]])
 
 
 def _flag(name: str) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import yaml
 from bilora_dist.adapters.bank import Branch
 from bilora_dist.adapters.inject import peft_target_modules
 from bilora_dist.checkpoint import MANIFEST, checkpoints_dir, find_checkpoint, load_checkpoint, verify
+from bilora_dist.config import parse_size
 from bilora_dist.errors import OneLineParser, UserError
 from bilora_dist.export import PROVENANCE_FILE, save_peft_adapter
 from bilora_dist.merge import merge_into_base
@@ -46,13 +46,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("peft", "vllm"), default="peft",
                    help="adapter layout: PEFT's, or vLLM's (expert LoRAs per expert where vLLM reads them so)")
     return p
-
-
-def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", text.upper())
-    if not match:
-        raise UserError(f"--shard-size '{text}': expected a size such as 500MB or 2GB")
-    return int(float(match[1]) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}[match[2]])
 
 
 def _from_checkpoint(path: Path) -> ExportSource:
@@ -100,7 +93,7 @@ def export_main(argv: list[str]) -> None:
         raise UserError(f"--out {args.out} already exists; choose a new directory")
     if args.merged and args.format != "peft":
         raise UserError("--format applies to adapters; --merged writes a plain model")
-    shard_bytes = parse_size(args.shard_size)
+    shard_bytes = parse_size(args.shard_size, "--shard-size")
     start = time.perf_counter()
     source = read_source(args.checkpoint)
     branch = source.branch

@@ -17,8 +17,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from bilora_dist.activations import trace_activations
-from bilora_dist.adapters.bank import AdapterBank
+from bilora_dist.activations import ActivationTrace
 from bilora_dist.modeling import NF4_BLOCK, NF4_NESTED_BLOCK, quantized_linears, shard_units
 
 ADAPTER_BYTES = 4  # adapters, their gradients and optimizer moments are fp32 whatever the base dtype
@@ -54,8 +53,8 @@ def loss_peak_bytes(tokens: int, chunk: int, vocab: int, hidden: int, dtype_byte
 class Transients:
     """What one micro-batch adds to a rank's resident memory, the same on every rank."""
 
-    activation_bytes: int = 0  # saved for backward (kept block inputs under gradient checkpointing)
-    recompute_bytes: int = 0  # the largest block's saved tensors, rebuilt in backward under checkpointing
+    activation_bytes: int = 0  # saved for backward (a checkpointed block: its inputs)
+    recompute_bytes: int = 0  # the largest checkpointed block's saved tensors, rebuilt in backward
     loss_peak_bytes: int = 0  # the output head's loss (loss_peak_bytes)
     dequant_bytes: int = 0  # the largest quantised linear's weight dequantised for its matmul (4-bit)
 
@@ -140,15 +139,14 @@ def largest_gathered_block_bytes(model: nn.Module, engine: str,
                for unit in shard_units(model))
 
 
-def micro_batch_transients(model: nn.Module, bank: AdapterBank, batch: int, seq: int, checkpointing: bool,
-                           loss_chunk: int, attention: str = "sdpa", quantize: bool = False) -> Transients:
-    """Transients of one micro-batch of `batch` x `seq` tokens for `model` and `bank`, both on meta."""
-    trace = trace_activations(model, bank, batch, seq, attention)
+def micro_batch_transients(model: nn.Module, trace: ActivationTrace, tokens: int, recomputed: Collection[int],
+                           loss_chunk: int, quantize: bool = False) -> Transients:
+    """Transients of one micro-batch of `tokens` tokens for `model` (on meta), whose forward `trace` recorded, with
+    the decoder blocks `recomputed` checkpointed."""
     head = model.get_output_embeddings()
-    loss = loss_peak_bytes(batch * seq, loss_chunk, head.out_features, head.in_features, head.weight.element_size())
+    loss = loss_peak_bytes(tokens, loss_chunk, head.out_features, head.in_features, head.weight.element_size())
     dequant = max((w.numel() * w.element_size() for w in quantized_weights(model).values()), default=0)
-    return Transients(trace.activations(checkpointing), trace.recompute(checkpointing), loss,
-                      dequant if quantize else 0)
+    return Transients(trace.activations(recomputed), trace.recompute(recomputed), loss, dequant if quantize else 0)
 
 
 def plan_memory(model: nn.Module, adapter_numel: int, engine: str, world: int,

@@ -108,7 +108,7 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     """The units a sharding engine gathers one at a time: the decoder blocks (HF's _no_split_modules)
     and, when not tied, the input embedding and the output head."""
     block_types = set(getattr(model, "_no_split_modules", None) or [])
-    units = [m for m in model.modules() if type(m).__name__ in block_types]
+    units = [m for m in model.modules() if any(c.__name__ in block_types for c in type(m).__mro__)]  # FSDP2 subclasses
     if not units:
         raise UserError(f"{type(model).__name__} declares no decoder block type (_no_split_modules); "
                         "it cannot be sharded block by block")
@@ -116,6 +116,12 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     if head is not None and head.weight is not embed.weight:
         units += [embed, head]
     return units
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks, in model order (the shard units but the embedding and the head)."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    return [u for u in shard_units(model) if u is not embed and u is not head]
 
 
 NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256  # bitsandbytes' 4-bit block and its double-quantisation block

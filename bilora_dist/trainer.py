@@ -11,68 +11,76 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
 
-from bilora_dist.activations import meta_bank
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.adapters.bank import AdapterBank, LayerShape
-from bilora_dist.adapters.inject import check_rank, peft_target_modules
+from bilora_dist.adapters.inject import peft_target_modules
 from bilora_dist.checkpoint import (Checkpoint, check_compatible, check_step_budget, checkpoints_dir, find_checkpoint,
                                     list_checkpoints, load_checkpoint, read_state, restore_bank)
-from bilora_dist.config import TrainConfig
+from bilora_dist.config import TrainConfig, parse_size
 from bilora_dist.data import Prepared, prepare_examples
 from bilora_dist.data.tokenize import TokenizeOptions
 from bilora_dist.embedded import DEFAULT_EVAL, DEFAULT_TRAIN
-from bilora_dist.engines import Engine, check_quantized_zero, make_engine, resolve_engine_name
+from bilora_dist.engines import Engine, make_engine
 from bilora_dist.errors import TrainingFault, UserError
 from bilora_dist.evaluation import choice_task
 from bilora_dist.export import save_peft_adapter
 from bilora_dist.loop import Budget, RunData, TrainingLoop, say
 from bilora_dist.loss import attach_head_loss
-from bilora_dist.memory_plan import DEFAULT_PERSISTENCE_THRESHOLD, format_plan, micro_batch_transients, plan_memory
+from bilora_dist.memory_plan import format_plan
 from bilora_dist.metrics import truncate_metrics
-from bilora_dist.modeling import LoadOptions, build_on_meta, load_config, load_tokenizer, resolve_model
+from bilora_dist.modeling import LoadOptions, build_on_meta, decoder_blocks, load_config, load_tokenizer, resolve_model
+from bilora_dist.planning import RunPlan, build_run_plan
 from bilora_dist.preemption import StopRequest
+from bilora_dist.recompute import Recompute, apply_recompute, choose, forced, free_memory_bytes
 from bilora_dist.squeeze.schedule import parse_squeeze
 
 
 def dry_run(cfg: TrainConfig) -> str:
-    """The per-rank memory plan of `cfg` on cfg.plan_ranks ranks, from the model's config alone."""
-    from bilora_dist.ds_config import DEFAULT_ZERO3, hidden_size_of, read_ds_config, resolve
-
+    """The per-rank memory plan of `cfg` on cfg.plan_ranks ranks, from the model's config alone. Under
+    --gradient-checkpointing auto the choice needs --memory-budget (a plan is made where its devices are not)."""
     world = cfg.plan_ranks or int(os.environ.get("WORLD_SIZE", "1"))
-    name = resolve_engine_name(cfg.engine, cfg.ds_config, world)
-    if name == "single" and world > 1:
-        raise UserError(f"--engine single runs one process; a plan for {world} ranks needs deepspeed or fsdp")
-    model = build_on_meta(resolve_model(cfg.model), LoadOptions(cfg.dtype))
-    zero = resolve(read_ds_config(cfg.ds_config) if cfg.ds_config else DEFAULT_ZERO3, cfg.bf16 == "true",
-                   hidden_size_of(model.config))["zero_optimization"]
-    kind = {"single": "single", "fsdp": "fsdp"}.get(name, "zero3" if zero["stage"] == 3 else "replicated")
-    if kind == "zero3":
-        check_quantized_zero(cfg.quantize, 3)
-    shapes = layer_shapes(model, select_targets(model, cfg.target_modules))
-    check_rank(shapes, cfg.rank, "--rank")
-    ranks = cfg.rank + (cfg.aux_rank if cfg.method == "bilora" else 0)
-    if cfg.method == "bilora":
-        check_rank(shapes, cfg.aux_rank, "--aux-rank")
-    adapter_numel = sum(s.numel(ranks) for s in shapes)
-    bank = meta_bank(shapes, cfg.rank, cfg.aux_rank if cfg.method == "bilora" else None)
-    transients = micro_batch_transients(model, bank, cfg.micro_batch_size, cfg.seq_len, cfg.gradient_checkpointing,
-                                        cfg.loss_chunk, cfg.attn_implementation, cfg.quantize == "4bit")
-    plans = plan_memory(model, adapter_numel, kind, world,
-                        zero.get("param_persistence_threshold", DEFAULT_PERSISTENCE_THRESHOLD),
-                        cfg.quantize == "4bit", transients)
-    header = (f"memory plan: {cfg.model or 'embedded default'}, {kind} on {world} rank(s), "
-              f"{sum(p.numel() for p in model.parameters()):,} base params ({cfg.dtype}, quantize {cfg.quantize}), "
-              f"{describe_layers(shapes)}, {adapter_numel:,} adapter params ({cfg.method}); micro-batch "
-              f"{cfg.micro_batch_size} x {cfg.seq_len} tokens, gradient checkpointing "
-              f"{'on' if cfg.gradient_checkpointing else 'off'}, loss chunk {cfg.loss_chunk or 'all'}")
-    note = unquantized_experts(shapes, cfg)
-    return format_plan(plans, header + (f"\n{note}" if note else "")) + "\n" + json.dumps({"engine": kind, "world_size": world,
-                                                           "ranks": [p.as_dict() for p in plans]})
+    plan = build_run_plan(cfg, world)
+    if cfg.gradient_checkpointing == "auto" and not cfg.memory_budget:
+        recompute = Recompute(0, plan.blocks, "auto chooses for a --memory-budget, none given")
+    else:
+        recompute = choose_recompute(cfg, plan, lambda: 0)
+    plans = plan.ranks(recompute.blocks)
+    header = (f"memory plan: {cfg.model or 'embedded default'}, {plan.kind} on {world} rank(s), "
+              f"{sum(p.numel() for p in plan.model.parameters()):,} base params ({cfg.dtype}, quantize "
+              f"{cfg.quantize}), {describe_layers(plan.shapes)}, {plan.adapter_numel:,} adapter params ({cfg.method}); "
+              f"micro-batch {cfg.micro_batch_size} x {cfg.seq_len} tokens, gradient checkpointing "
+              f"{recompute.describe()} ({recompute.why}), loss chunk {cfg.loss_chunk or 'all'}")
+    note = unquantized_experts(plan.shapes, cfg)
+    return format_plan(plans, header + (f"\n{note}" if note else "")) + "\n" + json.dumps(
+        {"engine": plan.kind, "world_size": world, "gradient_checkpointing": recompute.describe(),
+         "ranks": [p.as_dict() for p in plans]})
+
+
+def choose_recompute(cfg: TrainConfig, plan: RunPlan, free: Callable[[], int]) -> Recompute:
+    """The decoder blocks to checkpoint: as the flags force, or under auto from `plan` and the budget
+    (--memory-budget, else `free()`)."""
+    if cfg.gradient_checkpointing != "auto":
+        return forced(cfg.gradient_checkpointing, cfg.checkpoint_every, plan.blocks)
+    budget = parse_size(cfg.memory_budget, "--memory-budget") if cfg.memory_budget else free()
+    return choose(plan.blocks, plan.peak_bytes, budget)
+
+
+def resolve_recompute(cfg: TrainConfig, engine: Engine) -> Recompute:
+    """The checkpointing of this run, chosen before its model is loaded (auto: for the smallest free memory of all
+    ranks); one line says what and why."""
+    if cfg.gradient_checkpointing == "auto":
+        free = min(engine.gather_object(free_memory_bytes(engine.device)))
+        recompute = choose_recompute(cfg, build_run_plan(cfg, engine.world_size), lambda: free)
+    else:  # the blocks are counted only where every K-th is asked for
+        total = len(decoder_blocks(build_on_meta(resolve_model(cfg.model)))) if cfg.checkpoint_every > 1 else 0
+        recompute = forced(cfg.gradient_checkpointing, cfg.checkpoint_every, total)
+    say(engine, f"gradient checkpointing {recompute.describe()}: {recompute.why}")
+    return recompute
 
 
 def run_identity(cfg: TrainConfig) -> dict[str, Any]:
@@ -118,6 +126,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     resume_from = _resume_point(cfg, out, engine)
     data = prepare_data(cfg, engine, model_path)
+    recompute = resolve_recompute(cfg, engine)
     model, bank = build_model_and_adapters(cfg, engine, model_path)
     budget = Budget.of(cfg, engine.world_size, len(data.train_set))
     squeeze = parse_squeeze(cfg.squeeze, budget.total_steps, cfg.rank, cfg.squeeze_min_stage,
@@ -125,7 +134,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
     checkpoint = restore_adapters(resume_from, bank, budget.total_steps)
     engine.barrier()  # every rank has checked before the main rank starts writing (shared filesystems)
     open_output_dir(cfg, engine, out, checkpoint)  # every input is valid from here on
-    model = attach_and_wrap(cfg, engine, model, bank)
+    model = attach_and_wrap(cfg, engine, model, bank, recompute)
     if note := unquantized_experts(bank.shapes, cfg):
         say(engine, note)
     loop = TrainingLoop(cfg, engine, model, bank, data, budget, squeeze, out, checkpoint, run_identity(cfg))
@@ -230,12 +239,13 @@ def open_output_dir(cfg: TrainConfig, engine: Engine, out: Path, checkpoint: Che
             truncate_metrics(out, checkpoint.step)
 
 
-def attach_and_wrap(cfg: TrainConfig, engine: Engine, model: torch.nn.Module, bank: AdapterBank) -> torch.nn.Module:
-    """Hook the bank's updates into the target layers, then let the engine wrap the model for training."""
+def attach_and_wrap(cfg: TrainConfig, engine: Engine, model: torch.nn.Module, bank: AdapterBank,
+                    recompute: Recompute) -> torch.nn.Module:
+    """Hook the bank's updates into the target layers, checkpoint the chosen blocks, then let the engine wrap the
+    model for training."""
     inject(model, bank)
     attach_head_loss(model, cfg.loss_chunk)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_recompute(model, recompute)
     model = engine.wrap(model)
     model.train()
     return model

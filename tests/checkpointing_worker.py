@@ -1,7 +1,8 @@
-"""Run alone, under the deepspeed launcher or under torchrun: adapter gradients of one global batch with and
-without gradient checkpointing, for lora and bilora, saved per rank. Usage: checkpointing_worker.py ENGINE MODEL OUT
+"""Run alone, under the deepspeed launcher or under torchrun: adapter gradients of one global batch without
+gradient checkpointing, with it on every other block and on all, for lora and bilora, saved per rank, with the
+forward calls of each block's first adapted layer. Usage: checkpointing_worker.py ENGINE MODEL OUT
 The run's own stages build, inject and wrap (trainer.build_model_and_adapters, attach_and_wrap); checkpointing
-is switched on and off on the wrapped model between the two passes.
+is set on the wrapped model between the passes (recompute.apply_recompute).
 """
 
 import sys
@@ -13,7 +14,10 @@ from bilora_dist.config import parse_config
 from bilora_dist.data import Example, collate, to_device
 from bilora_dist.engines import make_engine
 from bilora_dist.loss import token_loss_sum
+from bilora_dist.recompute import Recompute, apply_recompute
 from bilora_dist.trainer import attach_and_wrap, build_model_and_adapters
+
+SETTINGS = {"off": 0, "every 2": 2, "all": 1}  # Recompute.every
 
 if __name__ == "__main__":
     kind, model_path, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
@@ -30,22 +34,24 @@ if __name__ == "__main__":
         with torch.no_grad():  # B != 0, so that every factor has a gradient
             for branch in bank.branches():
                 branch.flat.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))
-        model = attach_and_wrap(cfg, engine, model, bank)
-        calls = []  # forward calls of an adapted layer: twice per pass when its block is recomputed in backward
-        model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda module, args: calls.append(1))
-        for checkpointing in (False, True):
-            if checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = attach_and_wrap(cfg, engine, model, bank, Recompute(0, 0, "--gradient-checkpointing false"))
+        calls = [[], []]  # forward calls of each block's q_proj: twice per pass when the block is recomputed
+        for layer, seen in zip(model.model.layers, calls):
+            layer.self_attn.q_proj.register_forward_pre_hook(lambda module, args, seen=seen: seen.append(1))
+        for setting, every in SETTINGS.items():
+            model.activation_checkpointing_disable()
+            apply_recompute(model, Recompute(every, len(model.model.layers), setting))
             for branch in bank.branches():
                 branch.flat.grad = None
             loss, _ = token_loss_sum(model, batch)
             loss.backward()
             for branch in bank.branches():
                 engine.all_reduce_sum_(branch.flat.grad)
-            grads[method, checkpointing] = [branch.flat.grad.cpu() for branch in bank.branches()]
-            grads[method, checkpointing, "calls"] = len(calls)
-            calls.clear()
+            grads[method, setting] = [branch.flat.grad.cpu() for branch in bank.branches()]
+            grads[method, setting, "calls"] = [len(seen) for seen in calls]
+            for seen in calls:
+                seen.clear()
             engine.release()
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
     torch.save(grads, Path(out) / f"rank{engine.rank}.pt")
     engine.close()

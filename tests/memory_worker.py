@@ -1,7 +1,8 @@
 """Measure real CPU training steps for test_memory_plan.py, each case on a fresh model in this process.
 Usage: memory_worker.py MODEL_DIR CASES_JSON; prints one JSON line per case.
 
-A case is {"dtype", "checkpointing", "chunk", "batch", "seq", "rank", "aux_rank"}. The model (random weights)
+A case is {"dtype", "checkpointing" (Recompute.every: 0 none, 1 all, K every K-th block), "chunk", "batch", "seq",
+"rank", "aux_rank"}. The model (random weights)
 gets a Bi-LoRA bank, the chunked head loss and, if asked, HF's non-reentrant gradient checkpointing, as the
 trainer attaches them; one step warms AdamW's state up, the next runs under torch.profiler, whose allocation
 events give the bytes alive after the loss's forward and the step's peak above what existed before it.
@@ -19,6 +20,7 @@ from bilora_dist.adapters import build_bank, inject, layer_shapes, select_target
 from bilora_dist.data import Example, collate
 from bilora_dist.loss import attach_head_loss, token_loss_sum
 from bilora_dist.methods import build_optimizer
+from bilora_dist.recompute import Recompute, apply_recompute
 
 MARK = "after_loss_forward"
 
@@ -51,8 +53,7 @@ def measure(model_dir: str, case: dict) -> dict:
                       case["aux_rank"], 1.0, 0)
     inject(model, bank)
     attach_head_loss(model, case["chunk"])
-    if case["checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_recompute(model, Recompute(int(case["checkpointing"]), model.config.num_hidden_layers, ""))
     model.train()
     bucket = bank.bind_grad_bucket()
     optimizer = build_optimizer(bank, 1e-3, 0.0)

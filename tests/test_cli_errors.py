@@ -123,7 +123,7 @@ def test_yaml_strings_mean_what_yaml_1_2_says(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("bf16: 'no'\ngradient_checkpointing: 'yes'\nlr: 1e-4\nrank: '4'\nrho: null\n")
     parsed = parse_config(["--config", str(cfg)])
-    assert (parsed.bf16, parsed.gradient_checkpointing, parsed.lr, parsed.rank, parsed.rho) == ("false", True, 1e-4, 4, 0.05)
+    assert (parsed.bf16, parsed.gradient_checkpointing, parsed.lr, parsed.rank, parsed.rho) == ("false", "true", 1e-4, 4, 0.05)
 
 
 def test_aux_scale_must_be_positive(capsys, base_args):

@@ -66,19 +66,20 @@ def measured(tmp_path_factory, tokenizer) -> tuple[str, dict[tuple[str, bool], d
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                 tie_word_embeddings=True).save_pretrained(path)
     cases = [{"dtype": dtype, "checkpointing": ckpt, "chunk": CHUNK, "batch": BATCH, "seq": SEQ, "rank": 8,
-              "aux_rank": 8} for dtype, ckpt in (("float32", False), ("float32", True), ("bfloat16", False))]
+              "aux_rank": 8} for dtype, ckpt in (("float32", 0), ("float32", 1), ("float32", 2), ("bfloat16", 0))]
     proc = run_ok([sys.executable, "tests/memory_worker.py", str(path), json.dumps(cases)])
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return str(path), {(r["dtype"], r["checkpointing"]): r for r in rows}
 
 
-@pytest.mark.parametrize("dtype,checkpointing", [("float32", False), ("float32", True), ("bfloat16", False)])
+@pytest.mark.parametrize("dtype,checkpointing", [("float32", 0), ("float32", 1), ("float32", 2), ("bfloat16", 0)])
 def test_dry_run_is_within_15_percent_of_a_measured_cpu_step(measured, dtype, checkpointing):
     path, rows = measured
     real = rows[(dtype, checkpointing)]
     flags = ["--model", path, "--micro-batch-size", str(BATCH), "--seq-len", str(SEQ), "--loss-chunk", str(CHUNK),
              "--method", "bilora", "--rank", "8", "--aux-rank", "8", "--bf16", "true" if dtype == "bfloat16" else "false"]
-    plan = plan_of(*flags, *(["--gradient-checkpointing"] if checkpointing else []))
+    plan = plan_of(*flags, "--gradient-checkpointing", "true" if checkpointing else "false",
+                   "--checkpoint-every", str(checkpointing))
     element = 2 if dtype == "bfloat16" else 4
     saved_by_loss = BATCH * SEQ * 256 * element  # the gradient of the head's input, kept for backward
     print(f"{dtype} checkpointing={checkpointing}: peak plan {plan['peak_bytes'] / 2**20:.1f} MiB, measured "
