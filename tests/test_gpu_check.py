@@ -7,7 +7,9 @@ import importlib.util
 import json
 import sys
 
-from tests_support import ROOT, run_ok
+import pytest
+
+from tests_support import ROOT, run_env, run_ok
 
 CHECKS = ("bilora step", "PEFT parity", "squeeze", "packing")
 
@@ -50,3 +52,31 @@ def test_the_check_imports_neither_deepspeed_nor_datasets():
     code = ("import sys; sys.path.insert(0, 'benchmarks'); import gpu_check; "
             "print(sorted({'deepspeed', 'datasets'} & set(sys.modules)))")
     assert run_ok([sys.executable, "-c", code]).stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_deepspeed_wheel_is_pure_python_and_imports(tmp_path):
+    """scripts/gpu_wheels.sh builds deepspeed with no op compiled; installed alone into a directory it imports."""
+    import zipfile
+
+    run_ok(["bash", "scripts/gpu_wheels.sh", str(tmp_path / "whl")], env=run_env(GPU_WHEELS_DEEPSPEED_ONLY="1"),
+           timeout=300)
+    wheels = list((tmp_path / "whl").glob("*.whl"))
+    assert [w.name for w in wheels] == ["deepspeed-0.19.8-py3-none-any.whl"]
+    assert not [n for n in zipfile.ZipFile(wheels[0]).namelist() if n.endswith((".so", ".pyd"))]
+    run_ok([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(tmp_path / "site"),
+            str(wheels[0])])
+    proc = run_ok([sys.executable, "-c", "import deepspeed, deepspeed.git_version_info as v; "
+                   "print(deepspeed.__file__, deepspeed.__version__, any(v.installed_ops.values()))"],
+                  env=run_env(PYTHONPATH=str(tmp_path / "site")), cwd=tmp_path)
+    path, version, compiled = proc.stdout.split()[-3:]
+    assert path.startswith(str(tmp_path / "site")) and version == "0.19.8" and compiled == "False"
+
+
+@pytest.mark.slow
+def test_e2e_lora_on_three_engines_agrees_on_the_held_out_loss(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    run_ok([sys.executable, "benchmarks/gpu_e2e.py", str(tmp_path / "e2e"), str(tmp_path / "tok"), "--small", "--runs",
+            "lora_single,lora_fsdp_1gpu,lora_zero3_1gpu"], timeout=900)
+    report = json.loads((tmp_path / "e2e" / "e2e.json").read_text())
+    assert all(report[name]["rc"] == 0 for name in ("lora_single", "lora_fsdp_1gpu", "lora_zero3_1gpu"))
+    assert report["engines"]["engines_agree"] and None not in report["engines"]["held_out_loss"].values()
