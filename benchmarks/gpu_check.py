@@ -250,7 +250,10 @@ def correctness(device: torch.device) -> list[Check]:
     examples = random_examples([12, 30, 7, 22, 16, 25, 9, 31], TINY.vocab, torch.Generator().manual_seed(1))
     batches = [collate(examples[:4], 0), collate(examples[4:], 0)]
     checks = [lambda: check_bilora_step(model, batches, device), lambda: check_peft_parity(model, batches[0], device),
-              lambda: check_squeeze(device), lambda: check_packing(model, device, "sdpa", torch.float32, 1e-5)]
+              lambda: check_squeeze(device), lambda: check_packing(model, device, "sdpa", torch.float32, 1e-5),
+              lambda: check_packing(model, device, "packed", torch.float32, 1e-5)]  # SDPA per document
+    if device.type == "cuda":  # torch's varlen flash attention
+        checks.append(lambda: check_packing(model, device, "packed", torch.bfloat16, 1e-3))
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         checks.append(lambda: check_packing(model, device, "flash_attention_2", torch.bfloat16, 1e-3))
     else:
@@ -395,7 +398,7 @@ def quantize_4bit(model: nn.Module, dtype: torch.dtype, device: torch.device) ->
 def throughput(s: Shapes, device: torch.device, quantize: bool, steps: int, warmup: int) -> dict:
     """lora, bilora, lora-sam, then PEFT LoRA on one random model (4-bit base if `quantize`) and the same batches."""
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    attn = resolve_attn_implementation("auto", dtype)  # flash_attention_2 where installed, else sdpa
+    attn = resolve_attn_implementation("auto", dtype, packing=True, config=s.config())  # flash-attn, else packed
     torch.set_float32_matmul_precision("high")  # TF32 for the fp32 adapters, as make_engine sets it
     model = random_model(s.config(), dtype, device, attn)
     n_base = base_matmul_params(model)

@@ -19,7 +19,7 @@ from bilora_dist.errors import OneLineParser, UserError, unknown_key_message
 METHODS = ("lora", "bilora", "lora-sam")
 ENGINES = ("auto", "single", "deepspeed", "fsdp")
 SCHEDULERS = ("cosine", "linear", "constant")
-ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention", "packed")
 DEFAULT_RHO = {"bilora": 0.05, "lora-sam": 0.01, "lora": 0.0}
 
 

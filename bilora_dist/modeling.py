@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from bilora_dist import embedded
+from bilora_dist.attention import PACKED, packed_supported
 from bilora_dist.errors import UserError
 
 
@@ -144,13 +145,14 @@ class LoadOptions:
     attn_implementation: str | None = None
 
     @classmethod
-    def of(cls, cfg: Any) -> "LoadOptions":
-        """The options of a resolved TrainConfig; UserError if it asks for a kernel or a quantisation this
-        machine does not have."""
+    def of(cls, cfg: Any, model_path: str) -> "LoadOptions":
+        """The options of a resolved TrainConfig for the model at `model_path`; UserError if it asks for a kernel
+        or a quantisation this machine or model does not have."""
         if cfg.quantize == "4bit" and importlib.util.find_spec("bitsandbytes") is None:
             raise UserError("--quantize 4bit needs bitsandbytes, which is not installed "
                             "(pip install 'bilora_dist[quant]')")
-        return cls(cfg.dtype, cfg.quantize, resolve_attn_implementation(cfg.attn_implementation, cfg.dtype))
+        return cls(cfg.dtype, cfg.quantize, resolve_attn_implementation(cfg.attn_implementation, cfg.dtype,
+                                                                        cfg.packing, load_config(model_path)))
 
     def quantization_config(self) -> Any:
         """transformers' BitsAndBytesConfig for `quantize` (None without quantisation). The packed 4-bit
@@ -163,15 +165,24 @@ class LoadOptions:
                                   bnb_4bit_compute_dtype=self.dtype, bnb_4bit_quant_storage=self.dtype)
 
 
-def resolve_attn_implementation(name: str, dtype: torch.dtype) -> str | None:
+def resolve_attn_implementation(name: str, dtype: torch.dtype, packing: bool = False,
+                                config: Any = None) -> str | None:
     """The attention kernel for --attn-implementation `name` (None: transformers' default, sdpa);
-    `auto` is flash_attention_2 where flash_attn is installed, CUDA available and the base bf16.
+    `auto` is flash_attention_2 where flash_attn is installed, CUDA available and the base bf16, else with
+    `packing` our `packed` attention (attention.py) where the model's attention is plain causal.
     UserError if a named kernel cannot run here."""
     flash_installed = importlib.util.find_spec("flash_attn") is not None
     if name == "auto":
-        usable = flash_installed and torch.cuda.is_available() and dtype == torch.bfloat16
-        return "flash_attention_2" if usable else None
+        if flash_installed and torch.cuda.is_available() and dtype == torch.bfloat16:
+            return "flash_attention_2"
+        return PACKED if packing and config is not None and packed_supported(config) else None
     flag = f"--attn-implementation {name}"
+    if name == PACKED:
+        if not packing:
+            raise UserError(f"{flag} reads the documents of packed rows from their position ids: add --packing")
+        if config is not None and not packed_supported(config):
+            raise UserError(f"{flag}: {config.model_type} has sliding-window, soft-capped or sink attention, which "
+                            "it does not compute; use sdpa or flash_attention_2")
     if name == "flash_attention_2":
         if not flash_installed:
             raise UserError(f"{flag}: the flash_attn package is not installed (pip install 'bilora_dist[gpu]')")

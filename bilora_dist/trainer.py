@@ -213,7 +213,7 @@ def prepare_data(cfg: TrainConfig, engine: Engine, model_path: str) -> RunData:
 def build_model_and_adapters(cfg: TrainConfig, engine: Engine,
                              model_path: str) -> tuple[torch.nn.Module, AdapterBank]:
     """The frozen base as the engine loads it and its adapter bank (on the engine's device)."""
-    model = engine.build(model_path, LoadOptions.of(cfg))
+    model = engine.build(model_path, LoadOptions.of(cfg, model_path))
     names = select_targets(model, cfg.target_modules)
     bank = build_bank(layer_shapes(model, names), cfg.rank, cfg.alpha,
                       cfg.aux_rank if cfg.method == "bilora" else None, cfg.aux_scale, cfg.seed).to(engine.device)

@@ -11,7 +11,7 @@ import pytest
 
 from tests_support import ROOT, run_env, run_ok
 
-CHECKS = ("bilora step", "PEFT parity", "squeeze", "packing")
+CHECKS = ("bilora step", "PEFT parity", "squeeze", "packing", "packing")  # packing: sdpa's mask, packed
 
 
 def test_smoke_run_passes_every_check_and_reports_every_variant(tmp_path):

@@ -16,7 +16,7 @@ from bilora_dist.loss import token_loss_sum
 from bilora_dist.modeling import load_frozen_model
 from tests_support import relative_error, run_ok, step_rows
 
-IMPLEMENTATIONS = ["sdpa", "eager"]
+IMPLEMENTATIONS = ["sdpa", "eager", "packed"]
 
 
 def _examples(tokenizer, records) -> list[Example]:
@@ -166,3 +166,21 @@ def test_packed_run_trains_on_the_same_examples_with_less_padding(tiny_model_dir
         assert p["padding_fraction"] == 0
         assert all(math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 for r in (u, p))
     assert len(packed) == 2
+
+
+def test_auto_attention_sends_packed_rows_to_the_packed_kernel_where_the_model_allows():
+    from transformers import GptOssConfig, LlamaConfig, MistralConfig
+
+    from bilora_dist.errors import UserError
+    from bilora_dist.modeling import resolve_attn_implementation
+
+    llama, mistral, gpt_oss = LlamaConfig(), MistralConfig(sliding_window=64), GptOssConfig()
+    assert resolve_attn_implementation("auto", torch.float32, packing=True, config=llama) == "packed"
+    assert resolve_attn_implementation("auto", torch.float32, packing=False, config=llama) is None
+    assert resolve_attn_implementation("auto", torch.float32, packing=True, config=mistral) is None
+    assert resolve_attn_implementation("auto", torch.float32, packing=True, config=gpt_oss) is None
+    with pytest.raises(UserError, match="packed reads the documents of packed rows from their position ids: add "
+                                        "--packing"):
+        resolve_attn_implementation("packed", torch.float32, packing=False, config=llama)
+    with pytest.raises(UserError, match="mistral has sliding-window, soft-capped or sink attention"):
+        resolve_attn_implementation("packed", torch.float32, packing=True, config=mistral)
