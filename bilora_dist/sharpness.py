@@ -349,6 +349,7 @@ def load_adapted(args: argparse.Namespace, base_model: str, loaded: Branch):
     trainer's stages: the bank built over the adapter's layers gets the adapter's factors before wrapping."""
     from bilora_dist.config import TrainConfig, validate
     from bilora_dist.engines import make_engine
+    from bilora_dist.recompute import Recompute
     from bilora_dist.trainer import attach_and_wrap, build_model_and_adapters, prepare_data, resolve_model_once
 
     cfg = TrainConfig(model=base_model, data=args.data, eval_data=args.data, data_format=args.data_format,
@@ -364,7 +365,8 @@ def load_adapted(args: argparse.Namespace, base_model: str, loaded: Branch):
     data = prepare_data(cfg, engine, model_path)
     model, bank = build_model_and_adapters(cfg, engine, model_path)
     bank.replace_branch("primary", _adapter_branch(loaded, bank, args.adapter, base_model).to(engine.device))
-    return engine, model_path, attach_and_wrap(cfg, engine, model, bank), bank, data
+    recompute = Recompute(0, 0, "the probe keeps its activations")
+    return engine, model_path, attach_and_wrap(cfg, engine, model, bank, recompute), bank, data
 
 
 def _adapter_branch(loaded: Branch, bank: AdapterBank, adapter: Path, model: str) -> Branch:

@@ -187,16 +187,16 @@ def test_unavailable_attention_implementation_is_refused(q4_model_dir, small_dat
                     "--bf16", "false") == want
 
 
-def test_missing_bitsandbytes_and_flex_attention_are_one_line_each(monkeypatch):
+def test_missing_bitsandbytes_and_flex_attention_are_one_line_each(monkeypatch, tiny_model_dir):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else
                         find_spec(name, *a))
     with pytest.raises(UserError, match=r"^--quantize 4bit needs bitsandbytes, which is not installed "
                                         r"\(pip install 'bilora_dist\[quant\]'\)$"):
-        LoadOptions.of(parse_config(["--quantize", "4bit"]))
+        LoadOptions.of(parse_config(["--quantize", "4bit"]), str(tiny_model_dir))
     monkeypatch.setattr("transformers.utils.is_torch_flex_attn_available", lambda: False)
     with pytest.raises(UserError, match=r"^--attn-implementation flex_attention: torch .* has no flex attention "):
-        LoadOptions.of(parse_config(["--attn-implementation", "flex_attention"]))
+        LoadOptions.of(parse_config(["--attn-implementation", "flex_attention"]), str(tiny_model_dir))
 
 
 def test_eager_and_sdpa_attention_give_the_same_logits(tiny_model_dir):

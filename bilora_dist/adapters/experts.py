@@ -131,7 +131,13 @@ def _projection(module: nn.Module, update: ExpertsUpdate, name: str, x: Tensor, 
     from transformers.integrations.moe import _grouped_linear
 
     bias = getattr(module, f"{name}_bias")[expert_ids] if module.has_bias else None
-    out = _grouped_linear(x, getattr(module, name), offsets, bias=bias, is_transposed=module.is_transposed)
+    weight = getattr(module, name)
+    if x.is_meta:  # the plan's trace: torch's meta grouped_mm takes bf16 only; per expert, the same tensors are saved
+        pieces = [x[start:end] @ (weight[e] if module.is_transposed else weight[e].T)
+                  for e, (start, end) in enumerate(zip(bounds, bounds[1:]))]
+        out = torch.cat(pieces) + (bias if bias is not None else 0)
+    else:
+        out = _grouped_linear(x, weight, offsets, bias=bias, is_transposed=module.is_transposed)
     layer = update.layers.get(name)
     if layer is None:
         return out
