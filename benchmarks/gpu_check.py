@@ -21,6 +21,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,12 +37,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bilora_dist.adapters import AdapterBank, build_bank, inject, layer_shapes, select_targets  # noqa: E402
+from bilora_dist.config import parse_config  # noqa: E402
 from bilora_dist.data.batching import IGNORE, Example, collate, collate_packed, to_device  # noqa: E402
 from bilora_dist.engines.base import Engine  # noqa: E402
 from bilora_dist.export import copy_into_peft  # noqa: E402
+from bilora_dist.kernels import KernelChoice, apply_kernels, choose_kernels, liger_model_types  # noqa: E402
 from bilora_dist.loss import attach_head_loss, token_loss_sum  # noqa: E402
 from bilora_dist.methods import METHOD_STEPS, build_optimizer  # noqa: E402
 from bilora_dist.modeling import LoadOptions, resolve_attn_implementation  # noqa: E402
+from bilora_dist.planning import build_run_plan  # noqa: E402
+from bilora_dist.recompute import Recompute, apply_recompute, choose, free_memory_bytes  # noqa: E402
 from bilora_dist.squeeze.operator import factored_svd  # noqa: E402
 
 METHODS = ("lora", "bilora", "lora-sam")
@@ -324,8 +329,9 @@ def timed(step: Callable[[dict], object], batches: list[tuple[dict, list[int]]],
 
 
 def measure_ours(model: nn.Module, method: str, s: Shapes, batches: list, warmup: int, device: torch.device,
-                 n_base: int) -> dict:
-    """One of our methods on `model`: adapters injected, timed, then removed."""
+                 n_base: int, variant: str = "") -> dict:
+    """One of our methods on `model`: adapters injected, timed, then removed (the row named `variant`, default
+    the method)."""
     names = select_targets(model, "all-linear")
     bank = build_bank(layer_shapes(model, names), s.rank, 2.0 * s.rank, AUX_RANK if method == "bilora" else None,
                       1.0, seed=0).to(device)
@@ -338,30 +344,55 @@ def measure_ours(model: nn.Module, method: str, s: Shapes, batches: list, warmup
         for handle in handles:
             handle.remove()
     n_adapter = sum(b.flat.numel() for b in bank.branches())
-    return result_row(method, times, peak, n_adapter, batches[warmup:],
+    return result_row(variant or method, times, peak, n_adapter, batches[warmup:],
                       lambda lengths: step_flops(s, n_base, n_adapter, lengths, step.passes))
 
 
-def measure_peft(model: nn.Module, s: Shapes, batches: list, warmup: int, device: torch.device,
-                 n_base: int) -> dict:
-    """PEFT LoRA (same rank, alpha and layers) with torch AdamW and clipping, on the same loss (token_loss_sum:
-    our chunked head loss, attached to the base model and reached through PEFT's attribute forwarding)."""
+def measure_peft(model: nn.Module, s: Shapes, batches: list, warmup: int, device: torch.device, n_base: int,
+                 hf_loss: bool) -> dict:
+    """PEFT LoRA (same rank, alpha and layers) with torch AdamW and clipping, then unloaded from `model`. Its loss
+    is ours (token_loss_sum: the chunked head loss, reached through PEFT's attribute forwarding), or with
+    `hf_loss` the model's own from `labels` (transformers' default: full-vocabulary fp32 logits, token mean), the
+    baseline a user of PEFT with transformers' Trainer or TRL runs."""
     peft_model = get_peft_model(model, LoraConfig(r=s.rank, lora_alpha=2 * s.rank, target_modules="all-linear",
                                                   lora_dropout=0.0))
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
 
     def step(batch: dict) -> None:
-        loss, tokens = token_loss_sum(peft_model, batch)
-        (loss / tokens).backward()
+        if hf_loss:
+            peft_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                       use_cache=False).loss.backward()
+        else:
+            loss, tokens = token_loss_sum(peft_model, batch)
+            (loss / tokens).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    times, peak = timed(step, batches, warmup, device)
+    try:
+        times, peak = timed(step, batches, warmup, device)
+    finally:
+        peft_model.unload()
     n_adapter = sum(p.numel() for p in params)
-    return result_row("peft", times, peak, n_adapter, batches[warmup:],
+    return result_row("peft, HF loss" if hf_loss else "peft", times, peak, n_adapter, batches[warmup:],
                       lambda lengths: step_flops(s, n_base, n_adapter, lengths, 1))
+
+
+def default_policy(s: Shapes, device: torch.device, attn: str | None, quantize: bool) -> tuple[Recompute, KernelChoice]:
+    """What train.py's defaults choose for this model and batch on `device`: the checkpointing from the memory plan
+    (--gradient-checkpointing auto, for the free memory with this model's weights counted as free) and --kernels
+    auto."""
+    with tempfile.TemporaryDirectory() as folder:
+        s.config().save_pretrained(folder)
+        cfg = parse_config(["--model", folder, "--micro-batch-size", str(s.micro_batch), "--seq-len", str(s.seq_len),
+                            "--rank", str(s.rank), "--loss-chunk", str(s.loss_chunk), "--packing",
+                            "--attn-implementation", attn or "sdpa", "--quantize", "4bit" if quantize else "none",
+                            "--bf16", "true" if device.type == "cuda" else "false"])
+        plan = build_run_plan(cfg, 1)
+    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    recompute = choose(plan.blocks, plan.peak_bytes, free_memory_bytes(device) + held)
+    return recompute, choose_kernels("auto", device, "llama", liger_model_types())
 
 
 def result_row(variant: str, times: list[float], peak: float | None, n_adapter: int, batches: list,
@@ -396,7 +427,9 @@ def quantize_4bit(model: nn.Module, dtype: torch.dtype, device: torch.device) ->
 
 
 def throughput(s: Shapes, device: torch.device, quantize: bool, steps: int, warmup: int) -> dict:
-    """lora, bilora, lora-sam, then PEFT LoRA on one random model (4-bit base if `quantize`) and the same batches."""
+    """lora, bilora, lora-sam, PEFT LoRA with our loss and with transformers', all with every block checkpointed,
+    then lora and bilora as train.py's defaults choose (checkpointing, kernels), on one random model (4-bit base if
+    `quantize`) and the same batches."""
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     attn = resolve_attn_implementation("auto", dtype, packing=True, config=s.config())  # flash-attn, else packed
     torch.set_float32_matmul_precision("high")  # TF32 for the fp32 adapters, as make_engine sets it
@@ -409,7 +442,14 @@ def throughput(s: Shapes, device: torch.device, quantize: bool, steps: int, warm
     model.train()
     batches = packed_step_batches(s, warmup + steps, one_row=attn == "flash_attention_2")
     rows = [measure_ours(model, method, s, batches, warmup, device, n_base) for method in METHODS]
-    rows.append(measure_peft(model, s, batches, warmup, device, n_base))
+    rows += [measure_peft(model, s, batches, warmup, device, n_base, hf_loss) for hf_loss in (False, True)]
+    recompute, kernels = default_policy(s, device, attn, quantize)  # last: Liger's patches stay on the model
+    model.gradient_checkpointing_disable()
+    apply_recompute(model, recompute)
+    apply_kernels(model, kernels)
+    policy = f"checkpointing {recompute.describe()} ({recompute.why}), {kernels.describe()}"
+    rows += [measure_ours(model, method, s, batches, warmup, device, n_base, f"{method}, default policy")
+             for method in ("lora", "bilora")]
     del model
     free(device)
     peak = peak_flops(device)
@@ -418,11 +458,14 @@ def throughput(s: Shapes, device: torch.device, quantize: bool, steps: int, warm
     by = {row["variant"]: row for row in rows}
     speed = lambda a, b: by[a]["tokens_per_s"] / by[b]["tokens_per_s"]  # noqa: E731
     ratios = {"bilora/lora tokens/s": speed("bilora", "lora"), "lora-sam/lora tokens/s": speed("lora-sam", "lora"),
-              "lora/peft tokens/s": speed("lora", "peft")}
+              "lora/peft tokens/s": speed("lora", "peft"), "lora/peft with HF loss tokens/s": speed("lora", "peft, HF loss"),
+              "default-policy lora/peft with HF loss tokens/s": speed("lora, default policy", "peft, HF loss"),
+              "default-policy lora/peft tokens/s": speed("lora, default policy", "peft"),
+              "default-policy bilora/lora tokens/s": speed("bilora, default policy", "lora, default policy")}
     if by["lora"]["peak_gib"]:
         ratios["bilora/lora peak memory"] = by["bilora"]["peak_gib"] / by["lora"]["peak_gib"]
     return {"base": "nf4" if quantize else str(dtype).removeprefix("torch."), "attention": attn or "sdpa",
-            "peak_tflops": peak and peak / 1e12, "rows": rows, "ratios": ratios}
+            "peak_tflops": peak and peak / 1e12, "rows": rows, "ratios": ratios, "default_policy": policy}
 
 
 def four_bit_unavailable() -> str | None:
@@ -450,7 +493,8 @@ def markdown(report: dict) -> str:
     for section in report["throughput"]:
         lines += ["", f"## {section['base']} base: {s['layers']} layers, hidden {s['hidden']}, vocab {s['vocab']}, "
                   f"rank {s['rank']} on all linear layers, {s['micro_batch']} packed rows of {s['seq_len']}, "
-                  f"{section['attention']}, gradient checkpointing", "",
+                  f"{section['attention']}; gradient checkpointing on every block but in the default-policy rows "
+                  f"({section['default_policy']})", "",
                   "| variant | tokens/s | step s | peak GiB | TFLOP/s | MFU | adapter params |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | {_fmt(r['peak_gib'], '.2f')} | "

@@ -47,6 +47,16 @@ class TrainConfig:
     aux_rank: int = _opt(8, "Bi-LoRA auxiliary rank r2")
     aux_scale: float = _opt(1.0, "Bi-LoRA auxiliary scale s2")
     rho: float | None = _opt(None, "perturbation radius (default 0.05 for bilora, 0.01 for lora-sam)")
+    aux_diagnostics_every: int = _opt(0, "Bi-LoRA: every N steps log aux_alignment, aux_gain and aux_gain_ratio "
+                                         "(how far the auxiliary follows the ascent; one extra forward; 0: off)")
+    aux_lr_scale: float = _opt(1.0, "Bi-LoRA: the auxiliary's learning rate is this many times the primary's")
+    aux_schedule: str = _opt("same", "Bi-LoRA: the auxiliary's lr follows the primary's schedule (same), or only "
+                                     "its warmup (constant)", choices=("same", "constant"))
+    aux_optimizer: str = _opt("adamw", "Bi-LoRA: the auxiliary ascends with AdamW, or by normalised gradient "
+                                       "ascent, theta2 += lr2 g2/||g2|| (sgd-normalized)",
+                              choices=("adamw", "sgd-normalized"))
+    aux_refresh: int = _opt(0, "Bi-LoRA: every K steps set the auxiliary to the top singular pairs of the adapted "
+                               "weights' gradient, scaled onto --rho (0: never)")
     target_modules: str = _opt("all-linear", "comma-separated module names, a regex, or all-linear")
     lr: float = _opt(5e-4, "peak learning rate")
     weight_decay: float = _opt(0.0, "AdamW weight decay of the primary adapter")
@@ -78,6 +88,10 @@ class TrainConfig:
                          choices=("none", "4bit"))
     attn_implementation: str = _opt("auto", "attention kernel (auto: flash_attention_2 where installed on CUDA, "
                                             "else sdpa)", choices=ATTENTION)
+    kernels: str = _opt("auto", "fused kernels for the frozen base (auto: Liger-Kernel's RMSNorm, RoPE and SwiGLU on "
+                                "CUDA where liger-kernel is installed and supports the model, else none)",
+                        choices=("auto", "liger", "none"))
+    compile: bool = _opt(False, "torch.compile each decoder block (regional: one graph shared by the blocks)")
     packing: bool = _opt(False, "pack examples into rows of up to --seq-len tokens, no attention across examples")
     loss_chunk: int = _opt(1024, "tokens per chunk of the output head's loss; full-vocabulary logits never exist "
                                  "for more (0: the whole micro-batch at once)")
@@ -125,7 +139,7 @@ class TrainConfig:
 
 
 _POSITIVE_INT = ("rank", "micro_batch_size", "grad_accum", "seq_len", "eval_batch_size", "log_every", "max_bad_steps")
-_NON_NEGATIVE = ("squeeze_min_stage", "weight_decay", "max_grad_norm", "max_steps", "eval_every", "epochs", "replica_check_every",
+_NON_NEGATIVE = ("aux_diagnostics_every", "aux_refresh", "squeeze_min_stage", "weight_decay", "max_grad_norm", "max_steps", "eval_every", "epochs", "replica_check_every",
                  "plan_ranks", "save_every", "keep_last", "data_workers", "loss_chunk", "checkpoint_every")
 
 
@@ -141,6 +155,13 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--aux-rank must be >= 1, got {cfg.aux_rank}")
     if cfg.rho is not None and not cfg.rho >= 0:
         raise UserError(f"--rho must be >= 0, got {cfg.rho}")
+    if not cfg.aux_lr_scale > 0:
+        raise UserError(f"--aux-lr-scale must be > 0, got {cfg.aux_lr_scale}")
+    aux_flags = {"aux_diagnostics_every": 0, "aux_lr_scale": 1.0, "aux_schedule": "same", "aux_optimizer": "adamw",
+                 "aux_refresh": 0}
+    changed = [name for name, default in aux_flags.items() if getattr(cfg, name) != default]
+    if cfg.method != "bilora" and changed:
+        raise UserError(f"--{_flag(changed[0])} sets Bi-LoRA's auxiliary; --method {cfg.method} has none")
     if not cfg.aux_scale > 0:
         raise UserError(f"--aux-scale must be > 0, got {cfg.aux_scale} (it scales Bi-LoRA's auxiliary branch; "
                         "--method lora trains without one)")

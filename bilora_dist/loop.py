@@ -51,6 +51,12 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
             return lambda step: math.log(step + 1) / scale if step < warmup else after(step)
 
         scheduler.lr_lambdas = [log_warmup(after) for after in scheduler.lr_lambdas]  # one per param group
+    if cfg.aux_schedule == "constant" and len(scheduler.lr_lambdas) > 1:  # Bi-LoRA's auxiliary: warmup only
+
+        def warmup_only(during: Callable[[int], float]) -> Callable[[int], float]:
+            return lambda step: during(step) if step < warmup else 1.0
+
+        scheduler.lr_lambdas[1] = warmup_only(scheduler.lr_lambdas[1])
     return scheduler
 
 
@@ -114,7 +120,7 @@ class TrainingLoop:
         self.squeeze, self.out, self.identity = squeeze, out, identity
         self.squeeze_at = dict(squeeze.events) if squeeze else {}
         self.optimizer = build_optimizer(bank, cfg.lr, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2),
-                                         cfg.adam_epsilon)
+                                         cfg.adam_epsilon, cfg.aux_lr_scale)
         self.scheduler = build_scheduler(cfg, self.optimizer, budget.total_steps)
         self.start_step, start_example, self.squeeze_history = 0, 0, []
         self.started = 0.0  # when `run` began its first step (perf_counter)
@@ -198,7 +204,7 @@ class TrainingLoop:
         engine.all_reduce_sum_(counts)
         batches = [to_device(b, engine.device) for b in batches]
         t0 = time.perf_counter()
-        stats = self.step_fn(batches)
+        stats = self.step_fn(batches, step)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         return stats, lr, StepTokens(int(counts[0]), int(counts[1])), t0
@@ -236,7 +242,8 @@ class TrainingLoop:
                          dynamic_ncols=True, initial=self.start_step, total=total):
             done, (stats, lr, seen, t0) = step + 1, self.step(step)
             last = done == total
-            row = {**self.guard(done, stats), **self.squeeze_event(done), **self.progress(done, stats, lr, seen, t0)}
+            row = {**self.guard(done, stats), **self.squeeze_event(done), **self.progress(done, stats, lr, seen, t0),
+                   **(stats.diagnostics or {})}
             if cfg.replica_check_every and (done % cfg.replica_check_every == 0 or last):
                 row["adapter_sha256"] = check_replicas(self.engine, self.bank, done)
             stopping = stop.agreed(self.engine)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from bilora_dist.adapters.bank import AdapterBank
+from bilora_dist.aux_ascent import AuxVariant, clean_loss, diagnostics, normalized_ascent, refresh
 from bilora_dist.engines.base import Engine
 from bilora_dist.loss import token_loss_sum
 
@@ -36,15 +37,16 @@ class StepStats:
     grad_norm: float
     aux_norm: float | None = None
     skipped: str | None = None  # why no update was made: "non-finite loss" or "non-finite gradient"
+    diagnostics: dict[str, float] | None = None  # Bi-LoRA's aux_* fields of a diagnostics step
 
 
 def build_optimizer(bank: AdapterBank, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
-                    eps: float = 1e-8) -> torch.optim.AdamW:
+                    eps: float = 1e-8, aux_lr_scale: float = 1.0) -> torch.optim.AdamW:
     """One AdamW over the bank: the primary descends with the configured decay; the auxiliary (Bi-LoRA)
-    ascends (`maximize`) with none."""
+    ascends (`maximize`) with none, at `aux_lr_scale` times the lr (its own group, so its own schedule)."""
     groups = [{"params": [bank.primary.flat], "weight_decay": weight_decay}]
     if bank.aux is not None:
-        groups.append({"params": [bank.aux.flat], "weight_decay": 0.0, "maximize": True})
+        groups.append({"params": [bank.aux.flat], "weight_decay": 0.0, "maximize": True, "lr": lr * aux_lr_scale})
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
@@ -96,7 +98,8 @@ class LoRAStep:
             grad.mul_(self.max_grad_norm / (norm + 1e-6))
         return norm
 
-    def __call__(self, micro_batches: list[dict[str, Tensor]]) -> StepStats:
+    def __call__(self, micro_batches: list[dict[str, Tensor]], step: int = 0) -> StepStats:
+        """Optimizer step `step` (0-based: what is due at it) on this rank's micro-batches."""
         loss, tokens = self.forward_backward(micro_batches)
         if skipped := self.nonfinite(loss):
             return StepStats(loss, tokens, math.nan, skipped=skipped)
@@ -122,14 +125,58 @@ class _RadiusStep(LoRAStep):
 
 class BiLoRAStep(_RadiusStep):
     """Bi-LoRA: one pass through both branches; the primary descends, the auxiliary ascends (its AdamW
-    group has `maximize`), then the auxiliary is projected onto the rho-ball."""
+    group has `maximize`, or normalised gradient ascent), then the auxiliary is projected onto the rho-ball,
+    or on a refresh step set to the top singular part of the weight gradient (aux_ascent.py). A diagnostics
+    step adds one forward without the auxiliary and logs how far the auxiliary follows the ascent."""
 
-    def __call__(self, micro_batches: list[dict[str, Tensor]]) -> StepStats:
-        assert self.bank.aux is not None
-        stats = super().__call__(micro_batches)
-        if not stats.skipped:
-            stats.aux_norm = min(self.bank.project_aux(self.rho), self.rho)
-        return stats
+    def __init__(self, model: nn.Module, bank: AdapterBank, optimizer: torch.optim.Optimizer, engine: Engine,
+                 max_grad_norm: float, rho: float, variant: AuxVariant = AuxVariant()):
+        super().__init__(model, bank, optimizer, engine, max_grad_norm, rho)
+        self.variant = variant
+
+    @classmethod
+    def from_config(cls, model: nn.Module, bank: AdapterBank, optimizer: torch.optim.Optimizer, engine: Engine,
+                    cfg: TrainConfig) -> LoRAStep:
+        assert cfg.rho is not None, "cfg.resolved() sets rho"
+        return cls(model, bank, optimizer, engine, cfg.max_grad_norm, cfg.rho, AuxVariant.of(cfg))
+
+    def __call__(self, micro_batches: list[dict[str, Tensor]], step: int = 0) -> StepStats:
+        bank, variant = self.bank, self.variant
+        assert bank.aux is not None
+        diagnosing = bool(variant.diagnostics_every) and step % variant.diagnostics_every == 0
+        clean = clean_loss(self.model, bank, micro_batches, self.engine) if diagnosing else math.nan
+        sketch = bank.sketch = variant.sketch_for(bank, step)
+        try:
+            loss, tokens = self.forward_backward(micro_batches)
+        finally:
+            bank.sketch = None
+        if sketch is not None:
+            self.engine.all_reduce_sum_(sketch.flat)
+            sketch.flat.div_(max(tokens, 1))
+        if skipped := self.nonfinite(loss):
+            return StepStats(loss, tokens, math.nan, skipped=skipped)
+        found = diagnostics(bank, sketch, loss, clean, self.engine) if diagnosing and sketch is not None else None
+        norm = self.clip_primary()
+        self._update()
+        if variant.refresh and step % variant.refresh == 0 and sketch is not None:
+            aux_norm = refresh(bank, sketch, self.rho, self.optimizer, self.engine)
+        else:
+            aux_norm = min(bank.project_aux(self.rho), self.rho)
+        return StepStats(loss, tokens, norm, aux_norm, diagnostics=found)
+
+    def _update(self) -> None:
+        """The optimizer step; under normalised ascent the auxiliary moves first and AdamW skips it."""
+        if not self.variant.normalized:
+            self.optimizer.step()
+            return
+        aux = self.bank.aux
+        assert aux is not None
+        normalized_ascent(self.bank, self.optimizer.param_groups[1]["lr"])
+        grad, aux.flat.grad = aux.flat.grad, None  # AdamW skips a parameter without a gradient
+        try:
+            self.optimizer.step()
+        finally:
+            aux.flat.grad = grad  # the bucket's view, as bound
 
 
 class SAMStep(_RadiusStep):
@@ -137,7 +184,7 @@ class SAMStep(_RadiusStep):
 
     passes = 2
 
-    def __call__(self, micro_batches: list[dict[str, Tensor]]) -> StepStats:
+    def __call__(self, micro_batches: list[dict[str, Tensor]], step: int = 0) -> StepStats:
         flat = self.bank.primary.flat
         loss, tokens = self.forward_backward(micro_batches)
         if skipped := self.nonfinite(loss):

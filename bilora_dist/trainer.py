@@ -29,6 +29,7 @@ from bilora_dist.engines import Engine, make_engine
 from bilora_dist.errors import TrainingFault, UserError
 from bilora_dist.evaluation import choice_task
 from bilora_dist.export import save_peft_adapter
+from bilora_dist.kernels import apply_kernels, choose_kernels, compile_blocks, liger_model_types
 from bilora_dist.loop import Budget, RunData, TrainingLoop, say
 from bilora_dist.loss import attach_head_loss
 from bilora_dist.memory_plan import format_plan
@@ -241,11 +242,16 @@ def open_output_dir(cfg: TrainConfig, engine: Engine, out: Path, checkpoint: Che
 
 def attach_and_wrap(cfg: TrainConfig, engine: Engine, model: torch.nn.Module, bank: AdapterBank,
                     recompute: Recompute) -> torch.nn.Module:
-    """Hook the bank's updates into the target layers, checkpoint the chosen blocks, then let the engine wrap the
-    model for training."""
+    """Put the chosen kernels in, hook the bank's updates into the target layers, checkpoint the chosen blocks,
+    compile the blocks if asked, then let the engine wrap the model for training."""
+    kernels = choose_kernels(cfg.kernels, engine.device, model.config.model_type, liger_model_types())
+    say(engine, kernels.describe())
+    apply_kernels(model, kernels)
     inject(model, bank)
     attach_head_loss(model, cfg.loss_chunk)
     apply_recompute(model, recompute)
+    if cfg.compile:
+        say(engine, f"compiling {compile_blocks(model)} decoder blocks (the first step includes the compile time)")
     model = engine.wrap(model)
     model.train()
     return model

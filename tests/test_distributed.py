@@ -194,3 +194,16 @@ def test_gradient_checkpointing_keeps_the_gradients(kind, tiny_model_dir, tmp_pa
             for want, got in zip(plain, recomputed):
                 assert want.norm() > 0 and relative_error(got, want) <= 1e-5, (method, setting)
             assert all(torch.equal(g, want) for r in ranks for g, want in zip(r[method, setting], recomputed))
+
+@pytest.mark.parametrize("kind", ["zero3", "fsdp"])
+def test_aux_diagnostics_and_refresh_match_one_process(runs, kind):
+    """Bi-LoRA's diagnostics (reduced like the loss) and refresh (from the all-reduced gradient sketch) on 2 ranks
+    equal one process's."""
+    flags = ("--aux-diagnostics-every", "2", "--aux-refresh", "3")
+    out, ref = runs(kind, "bilora", *flags), runs("single", "bilora", *flags)
+    assert_same_training(out, ref)
+    got, want = ([r for r in step_rows(run) if r.get("aux_alignment") is not None] for run in (out, ref))
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [3, 5]
+    for g, w in zip(got, want):
+        for key in ("aux_alignment", "aux_gain", "aux_gain_ratio", "aux_best_gain"):
+            assert g[key] == pytest.approx(w[key], rel=1e-3, abs=1e-7), key

@@ -26,12 +26,17 @@ def test_smoke_run_passes_every_check_and_reports_every_variant(tmp_path):
     assert [s["base"] for s in report["throughput"]] == ["float32", "nf4"][:1 + with_4bit]
     for section in report["throughput"]:
         rows = {r["variant"]: r for r in section["rows"]}
-        assert list(rows) == ["lora", "bilora", "lora-sam", "peft"]
+        assert list(rows) == ["lora", "bilora", "lora-sam", "peft", "peft, HF loss", "lora, default policy",
+                              "bilora, default policy"]
         assert all(r["tokens_per_s"] > 0 and r["tflops_per_s"] > 0 for r in rows.values())
         # our lora and PEFT train exactly the same parameters; bilora adds an auxiliary of rank 8
-        assert rows["lora"]["adapter_params"] == rows["peft"]["adapter_params"] == rows["lora-sam"]["adapter_params"]
-        assert rows["bilora"]["adapter_params"] == rows["lora"]["adapter_params"] * 3 // 2
+        lora = rows["lora"]["adapter_params"]
+        assert {rows[v]["adapter_params"] for v in ("peft", "peft, HF loss", "lora-sam", "lora, default policy")} == {lora}
+        assert rows["bilora"]["adapter_params"] == rows["bilora, default policy"]["adapter_params"] == lora * 3 // 2
         assert section["ratios"]["bilora/lora tokens/s"] > 0
+        # the CPU's free memory holds the tiny model without recomputation; Liger runs on CUDA only
+        assert section["default_policy"].startswith("checkpointing off (planned peak ")
+        assert section["default_policy"].endswith("kernels none: auto: Liger not used, it runs on CUDA only")
     table = (tmp_path / "gpu_check.md").read_text()
     assert table.startswith("# GPU check: CPU") and "| lora-sam |" in table and "| peft |" in table
 

@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from bilora_dist.adapters.product import low_rank_product
+
+if TYPE_CHECKING:
+    from bilora_dist.gradient_sketch import GradientSketch
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,7 @@ class AdapterBank(nn.Module):
         self.aux_active = aux is not None
         self.grad_bucket: GradBucket | None = None
         self._pass_factors: list[list[tuple[Tensor, Tensor]]] | None = None
+        self.sketch: GradientSketch | None = None  # set for a step whose weight gradients are sketched
 
     def begin_pass(self) -> None:
         """Split every branch into its layers' factors once for the coming forward pass (a root pre-hook)."""

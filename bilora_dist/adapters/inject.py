@@ -115,18 +115,26 @@ def build_bank(shapes: list[LayerShape], rank: int, alpha: float, aux_rank: int 
 def inject(model: nn.Module, bank: AdapterBank) -> list[torch.utils.hooks.RemovableHandle]:
     """Attach layer i's low-rank update from the bank to each target linear; returns the hook handles.
 
-    A pre-hook on the model splits the bank into per-layer factors once per forward pass (a forward hook
-    drops them afterwards), and one on the output head makes its input contiguous: HF slices the hidden
-    states for `logits_to_keep`, and a strided 3-D input sends the vocabulary-sized projection through a
+    A pre-hook on the base model (the decoder every forward of the model runs, the memory plan's trace included)
+    splits the bank into per-layer factors once per pass and hands each linear layer its update factors; a
+    forward hook drops the split afterwards. One on the output head makes its input contiguous: HF slices the
+    hidden states for `logits_to_keep`, and a strided 3-D input sends the vocabulary-sized projection through a
     batched matmul over an expanded weight, several times slower than one matrix product."""
-    handles = [model.register_forward_pre_hook(lambda module, args: bank.begin_pass()),
-               model.register_forward_hook(lambda module, args, output: bank.end_pass())]
+    updates = [LowRankUpdate(bank, i) for i, shape in enumerate(bank.shapes) if not shape.experts]
+
+    def begin_pass(module: nn.Module, args: tuple) -> None:
+        bank.begin_pass()
+        for update in updates:
+            update.refresh()
+
+    decoder = model.base_model
+    handles = [decoder.register_forward_pre_hook(begin_pass),
+               decoder.register_forward_hook(lambda module, args, output: bank.end_pass())]
     head = model.get_output_embeddings()
     if head is not None:
         handles.append(head.register_forward_pre_hook(lambda module, args: tuple(a.contiguous() for a in args)))
     return handles + attach_experts(model, bank) + [
-        model.get_submodule(shape.name).register_forward_hook(LowRankUpdate(bank, i))
-        for i, shape in enumerate(bank.shapes) if not shape.experts]
+        model.get_submodule(bank.shapes[update.index].name).register_forward_hook(update) for update in updates]
 
 
 def peft_target_modules(spec: str, names: list[str]) -> list[str]:
