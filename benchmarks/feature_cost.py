@@ -84,7 +84,7 @@ def saved_activations(args: argparse.Namespace) -> dict[str, float]:
     import torch
     from torch.nn import functional as F
 
-    from bilora_dist.adapters import bank as bank_module
+    from bilora_dist.adapters import layer as layer_module
     from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
     from bilora_dist.modeling import LoadOptions, load_frozen_model, resolve_model
 
@@ -104,12 +104,12 @@ def saved_activations(args: argparse.Namespace) -> dict[str, float]:
         return sum(storages.values()) / 2**20
 
     ours = saved_mb()
-    product = bank_module.low_rank_product
-    bank_module.low_rank_product = lambda x, A, B: F.linear(F.linear(x.to(A.dtype), A), B)
+    product = layer_module.low_rank_product
+    layer_module.low_rank_product = lambda x, A, B: F.linear(F.linear(x.to(A.dtype), A), B)
     try:
         cast = saved_mb()
     finally:
-        bank_module.low_rank_product = product
+        layer_module.low_rank_product = product
     return {"ours_mb": ours, "fp32_cast_mb": cast}
 
 

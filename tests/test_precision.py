@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
-from bilora_dist.adapters import bank as bank_module
+from bilora_dist.adapters import layer as layer_module
 from bilora_dist.adapters.product import LowRankProduct, low_rank_product
 from bilora_dist.config import parse_config
 from bilora_dist.data import collate, tokenize
@@ -74,7 +74,7 @@ def test_bf16_adapters_save_no_fp32_copy_of_their_inputs(tiny_model_dir, tokeniz
         return [nbytes for dtype, shape, nbytes in saved.values() if dtype == torch.float32 and math.prod(shape) in inputs]
 
     ours = _saved(model, batch)
-    monkeypatch.setattr(bank_module, "low_rank_product", lambda x, A, B: F.linear(F.linear(x.to(A.dtype), A), B))
+    monkeypatch.setattr(layer_module, "low_rank_product", lambda x, A, B: F.linear(F.linear(x.to(A.dtype), A), B))
     cast = _saved(model, batch)
     # the base's own fp32 saves (RMSNorm upcasts) are in both; the cast path adds one per adapted layer
     assert len(fp32_inputs(cast)) - len(fp32_inputs(ours)) == len(shapes)
