@@ -57,6 +57,9 @@ CONFIGS = {
     "bilora rho 0.01": ["--method", "bilora", "--rho", "0.01"],
     "bilora rho 0.05": ["--method", "bilora", "--rho", "0.05"],
     "bilora rho 0.1": ["--method", "bilora", "--rho", "0.1"],
+    "bilora rho 0.05 refresh 1": ["--method", "bilora", "--rho", "0.05", "--aux-refresh", "1"],
+    "bilora rho 0.05 refresh 10": ["--method", "bilora", "--rho", "0.05", "--aux-refresh", "10"],
+    "bilora rho 0.01 refresh 10": ["--method", "bilora", "--rho", "0.01", "--aux-refresh", "10"],
 }
 MICRO_BATCH = 8
 EVAL_BATCH = 32  # held-out batches are length-sorted, so a large batch costs little padding

@@ -71,12 +71,15 @@ def clean_loss(model: nn.Module, bank: AdapterBank, micro_batches: list[dict[str
     return float(total[0] / total[1].clamp(min=1))
 
 
+Spectra = tuple[Tensor, dict[int, tuple[Tensor, Tensor, Tensor]]]
+
+
 @torch.no_grad()
-def reachable_spectra(bank: AdapterBank, sketch: GradientSketch,
-                      engine: Engine) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor, Tensor]]]:
+def reachable_spectra(bank: AdapterBank, sketch: GradientSketch, engine: Engine) -> Spectra:
     """Every layer's top-r2 singular values of the sketched gradient (layers x max r2, zero-padded), and the
     triplets of the layers this rank computed: the layers are split across ranks as a squeeze splits them and
-    one sum all-reduce shares the values (a value plus zeros is exact, so every rank holds the same bits)."""
+    one sum all-reduce shares the values (a value plus zeros is exact, so every rank holds the same bits).
+    Computed once per sketched step, for its diagnostics and its refresh alike."""
     aux = bank.aux
     assert aux is not None
     owner = assign_layers(aux, engine.world_size)
@@ -90,27 +93,26 @@ def reachable_spectra(bank: AdapterBank, sketch: GradientSketch,
     return singular, mine
 
 
-def diagnostics(bank: AdapterBank, sketch: GradientSketch, perturbed: float, clean: float,
-                engine: Engine) -> dict[str, float]:
+def diagnostics(bank: AdapterBank, spectra: Spectra, perturbed: float, clean: float) -> dict[str, float]:
     """The metrics row fields of a diagnostics step (the auxiliary's gradient reduced, before any update)."""
     assert bank.aux is not None and bank.aux.flat.grad is not None
     inner = 0.5 * float(bank.aux.flat.detach() @ bank.aux.flat.grad)
     radius = float(bank.aux.delta_sq_norms().sum().sqrt())
-    best = radius * float(reachable_spectra(bank, sketch, engine)[0].square().sum().sqrt())
+    best = radius * float(spectra[0].square().sum().sqrt())
     ratio = (lambda v: v / best if best > 0 else math.nan)  # noqa: E731
     return {"aux_alignment": ratio(inner), "aux_gain": perturbed - clean, "aux_gain_ratio": ratio(perturbed - clean),
             "aux_best_gain": best}
 
 
 @torch.no_grad()
-def refresh(bank: AdapterBank, sketch: GradientSketch, rho: float, optimizer: torch.optim.Optimizer,
+def refresh(bank: AdapterBank, spectra: Spectra, rho: float, optimizer: torch.optim.Optimizer,
             engine: Engine) -> float:
     """Set every layer's auxiliary to sqrt(rho/(s2 N)) (U sqrt(S), sqrt(S) Vᵀ), so E = rho G_r / N with
     N = ||G_r||; drop its optimizer state. Each rank writes the layers it computed into a zero branch and one
     sum all-reduce assembles it. Returns the new radius (rho; the old one where G_r is zero)."""
     aux = bank.aux
     assert aux is not None
-    singular, mine = reachable_spectra(bank, sketch, engine)
+    singular, mine = spectra
     norm = float(singular.square().sum().sqrt())
     if not norm > 0 or not math.isfinite(norm):
         return float(aux.delta_sq_norms().sum().sqrt())

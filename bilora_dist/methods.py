@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from bilora_dist.adapters.bank import AdapterBank
-from bilora_dist.aux_ascent import AuxVariant, clean_loss, diagnostics, normalized_ascent, refresh
+from bilora_dist.aux_ascent import (AuxVariant, clean_loss, diagnostics, normalized_ascent, reachable_spectra,
+                                   refresh)
 from bilora_dist.engines.base import Engine
 from bilora_dist.loss import token_loss_sum
 
@@ -155,11 +156,12 @@ class BiLoRAStep(_RadiusStep):
             sketch.flat.div_(max(tokens, 1))
         if skipped := self.nonfinite(loss):
             return StepStats(loss, tokens, math.nan, skipped=skipped)
-        found = diagnostics(bank, sketch, loss, clean, self.engine) if diagnosing and sketch is not None else None
+        spectra = reachable_spectra(bank, sketch, self.engine) if sketch is not None else None
+        found = diagnostics(bank, spectra, loss, clean) if diagnosing and spectra is not None else None
         norm = self.clip_primary()
         self._update()
-        if variant.refresh and step % variant.refresh == 0 and sketch is not None:
-            aux_norm = refresh(bank, sketch, self.rho, self.optimizer, self.engine)
+        if variant.refresh and step % variant.refresh == 0 and spectra is not None:
+            aux_norm = refresh(bank, spectra, self.rho, self.optimizer, self.engine)
         else:
             aux_norm = min(bank.project_aux(self.rho), self.rho)
         return StepStats(loss, tokens, norm, aux_norm, diagnostics=found)

@@ -12,7 +12,7 @@ from torch import nn
 from bilora_dist.adapters import build_bank
 from bilora_dist.adapters.bank import LayerShape
 from bilora_dist.adapters.layer import LowRankUpdate
-from bilora_dist.aux_ascent import AuxVariant, diagnostics, refresh
+from bilora_dist.aux_ascent import AuxVariant, diagnostics, reachable_spectra, refresh
 from bilora_dist.cli import run_cli, train_main
 from bilora_dist.config import parse_config
 from bilora_dist.engines.base import Engine
@@ -77,7 +77,7 @@ def test_diagnostics_match_the_closed_form_of_a_quadratic():
     G = (toy.x @ toy.dense(True).T - toy.y).T @ toy.x  # at W + E, where the step's backward is
     E, G_r = toy.E(), _top(G, 2)
     best = float(E.norm() * G_r.norm())
-    got = diagnostics(toy.bank, sketch, perturbed, clean, Engine())
+    got = diagnostics(toy.bank, reachable_spectra(toy.bank, sketch, Engine()), perturbed, clean)
     assert got["aux_alignment"] == pytest.approx(float((E * G).sum()) / best, rel=1e-4)
     G_clean = (toy.x @ toy.dense(False).T - toy.y).T @ toy.x
     gain = float((G_clean * E).sum() + 0.5 * (toy.x @ E.T).square().sum())
@@ -93,7 +93,7 @@ def test_refresh_sets_the_ideal_rank_r2_perturbation_of_radius_rho():
     optimizer = build_optimizer(toy.bank, 1e-2, 0.0)
     optimizer.step()
     assert toy.bank.aux.flat in optimizer.state
-    assert refresh(toy.bank, sketch, RHO, optimizer, Engine()) == RHO
+    assert refresh(toy.bank, reachable_spectra(toy.bank, sketch, Engine()), RHO, optimizer, Engine()) == RHO
     G_r = _top(G, 2)
     torch.testing.assert_close(toy.E(), RHO * G_r / G_r.norm(), rtol=0, atol=1e-5)
     assert toy.bank.aux.flat not in optimizer.state  # its moments described the old factors

@@ -82,3 +82,19 @@ def test_differences_to_lora_are_paired_by_size_and_seed():
     assert row["accuracy"] == pytest.approx((0.015, 0.005))  # differences 0.02 and 0.01
     assert row["adversarial"]["0.05"] == pytest.approx((-0.035, 0.015))  # -0.05 and -0.02
     assert row["eval_loss"] == (0.0, 0.0)
+
+
+def test_the_variants_validation_split_is_carved_from_training_and_never_trained_on(tmp_path):
+    import aux_variants
+
+    data = generalization.TASKS["wordnet"][0]
+    validation = [json.loads(line) for line in aux_variants.validation_split(tmp_path).read_text().splitlines()]
+    labels = json.loads((data / "labels.json").read_text())
+    assert sorted(r["completion"].strip() for r in validation) == sorted(labels * aux_variants.VALIDATION_PER_CLASS)
+    train = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    assert all(r in train for r in validation)
+    largest = 32 - aux_variants.VALIDATION_PER_CLASS
+    trained = {json.loads(line)["prompt"] for line in generalization.subset("wordnet", largest, tmp_path).read_text().splitlines()}
+    assert not trained & {r["prompt"] for r in validation}
+    held_out = {json.loads(line)["prompt"] for line in (data / "eval.jsonl").read_text().splitlines()}
+    assert not held_out & {r["prompt"] for r in validation}
