@@ -9,8 +9,9 @@ epochs, micro-batch 8, its defaults otherwise), evaluated at the end on a valida
 training file: the last VALIDATION_PER_CLASS glosses of each class, which no size up to 32 - 4 trains on. The
 held-out set is never read, so this is what variants and radii are chosen by. Reported per variant: aux_gain_ratio and
 aux_alignment (mean over the diagnostics steps of the second half of training; README "Bi-LoRA's auxiliary"),
-and the median step time of the steps that are not diagnostics steps, over LoRA's (a refresh step counts: its
-cost is amortised in the median only when it is rare, so the mean is reported too).
+and the median step time of the steps that are not diagnostics steps, over LoRA's, with the mean next to it.
+A refresh step that is also a diagnostics step (every one, when K is a multiple of --every) is left out of
+both, so a refresh's cost is read from --aux-refresh 1, whose every step refreshes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +48,7 @@ def validation_split(folder: Path) -> Path:
     """The last VALIDATION_PER_CLASS training glosses of each class, as a .jsonl file."""
     lines = (TASKS["wordnet"][0] / "train.jsonl").read_text().splitlines()
     labels = [json.loads(line)["completion"] for line in lines]
-    total = {label: labels.count(label) for label in labels}
+    total = Counter(labels)
     seen: dict[str, int] = {}
     rows = []
     for line, label in zip(lines, labels):
@@ -89,7 +91,7 @@ def plot(files: list[Path], path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    traces = {}  # a variant in several files: the last file's run (the runs are deterministic)
+    traces = {}  # a variant in several files: the last file's run (reruns agree to 5 significant digits)
     for file in files:
         for name, r in json.loads(file.read_text())["variants"].items():
             if points := [(t["step"], t["aux_gain_ratio"]) for t in r["trace"] if t["aux_gain_ratio"] is not None]:
@@ -139,9 +141,8 @@ def main() -> None:
             results[name] = r = run_variant(VARIANTS[name], train, validation, steps, work / f"run{i}", args)
             lora = results["lora"]["step_s_median"]
             print(f"{name}: aux_gain_ratio {r['aux_gain_ratio']}, aux_alignment {r['aux_alignment']}, step "
-                  f"{r['step_s_median'] / lora:.3f}x lora (mean {r['step_s_mean'] / results['lora']['step_s_mean']:.3f}x), validation accuracy "
-                  f"{r['val_accuracy']:.3f}",
-                  flush=True)
+                  f"{r['step_s_median'] / lora:.3f}x lora (mean {r['step_s_mean'] / results['lora']['step_s_mean']:.3f}x), "
+                  f"validation accuracy {r['val_accuracy']:.3f}", flush=True)
             Path(args.out).write_text(json.dumps({"settings": vars(args), "steps": steps, "variants": results}, indent=1))
 
 

@@ -94,7 +94,8 @@ def test_the_variants_validation_split_is_carved_from_training_and_never_trained
     train = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
     assert all(r in train for r in validation)
     largest = 32 - aux_variants.VALIDATION_PER_CLASS
-    trained = {json.loads(line)["prompt"] for line in generalization.subset("wordnet", largest, tmp_path).read_text().splitlines()}
+    trained = {json.loads(line)["prompt"]
+               for line in generalization.subset("wordnet", largest, tmp_path).read_text().splitlines()}
     assert not trained & {r["prompt"] for r in validation}
     held_out = {json.loads(line)["prompt"] for line in (data / "eval.jsonl").read_text().splitlines()}
     assert not held_out & {r["prompt"] for r in validation}
