@@ -3,10 +3,10 @@
 transformers stores a MoE block's experts as one module holding 3-D parameters (`gate_up_proj` or `up_proj`,
 and `down_proj`: [E, out, in], or [E, in, out] where the class declares `is_transposed`) and dispatches its
 forward through `ExpertsInterface` by `config._experts_implementation`. We register one implementation there,
-`bilora_dist`: the routed tokens sorted by expert (as transformers' `grouped_mm` does), each projection's base
-product by transformers' own grouped linear, plus the low-rank update computed factored on each expert's
-tokens, x_e A_eᵀ then B_eᵀ, so no [E, out, in] delta is ever formed and an expert no token reached costs
-nothing. An experts module without adapters runs transformers' `grouped_mm` unchanged.
+`bilora_dist`: the routed tokens sorted by expert (as transformers' `grouped_mm` does), then each projection as
+one grouped product over all experts, base and low-rank update together (grouped.py): x W_eᵀ + (x A_eᵀ) B_eᵀ,
+so no [E, out, in] delta is ever formed, no Python loop runs under autograd, and an expert no token reached
+costs nothing. An experts module without adapters runs transformers' `grouped_mm` unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from bilora_dist.adapters.bank import AdapterBank, LayerShape
+from bilora_dist.adapters.grouped import expert_projection
 from bilora_dist.errors import UserError
 
 IMPLEMENTATION = "bilora_dist"
@@ -109,7 +110,7 @@ def lora_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Te
     else:
         counts = torch.bincount(expert_ids, minlength=self.num_experts)
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        bounds = [0] + offsets.tolist()  # one host sync; the per-expert factor products slice by it
+        bounds = [0] + offsets.tolist()  # one host sync; the fallback per-expert products slice by it
 
     def project(name: str, inputs: Tensor) -> Tensor:
         return _projection(self, update, name, inputs, expert_ids, offsets, bounds)
@@ -127,29 +128,8 @@ def lora_experts_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Te
 def _projection(module: nn.Module, update: ExpertsUpdate, name: str, x: Tensor, expert_ids: Tensor,
                 offsets: Tensor, bounds: list[int]) -> Tensor:
     """One fused projection on expert-sorted tokens x: the base product (bias included) plus, if adapted,
-    s·B_e A_e x for the tokens of each expert e."""
-    from transformers.integrations.moe import _grouped_linear
-
-    bias = getattr(module, f"{name}_bias")[expert_ids] if module.has_bias else None
-    weight = getattr(module, name)
-    if x.is_meta:  # the plan's trace: torch's meta grouped_mm takes bf16 only; per expert, the same tensors are saved
-        pieces = [x[start:end] @ (weight[e] if module.is_transposed else weight[e].T)
-                  for e, (start, end) in enumerate(zip(bounds, bounds[1:]))]
-        out = torch.cat(pieces) + (bias if bias is not None else 0)
-    else:
-        out = _grouped_linear(x, weight, offsets, bias=bias, is_transposed=module.is_transposed)
+    s·B_e A_e x for the tokens of each expert e, as grouped products (grouped.py)."""
     layer = update.layers.get(name)
-    if layer is None:
-        return out
-    A, B = update.bank.update_factors(layer)
-    return out + _per_expert(x, A, B, bounds).to(out.dtype)
-
-
-def _per_expert(x: Tensor, A: Tensor, B: Tensor, bounds: list[int]) -> Tensor:
-    """Rows bounds[e]:bounds[e+1] of x (expert e's tokens) through B_e A_e, in the factors' dtype."""
-    x = x.to(A.dtype)
-    pieces = [x[start:end] @ A[e].T @ B[e].T for e, (start, end) in enumerate(zip(bounds, bounds[1:]))
-              if end > start]
-    if not pieces:
-        return x.new_zeros(0, B.shape[1])
-    return torch.cat(pieces)
+    factors = update.bank.update_factors(layer) if layer is not None else None
+    out = expert_projection(x, getattr(module, name), offsets, bounds, module.is_transposed, factors)
+    return out + getattr(module, f"{name}_bias")[expert_ids] if module.has_bias else out
