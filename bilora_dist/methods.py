@@ -10,6 +10,11 @@ configuration, so a new method is one class plus one `register_method` call.
 A step whose reduced loss or gradient is not finite is skipped: no optimizer update (moments untouched),
 no projection, `StepStats.skipped` says why. Every rank reads the same all-reduced bucket, so all agree
 without another collective.
+
+The first finite step with tokens checks, before it updates anything, that every bank layer got a gradient
+(`check_reached`): a layer without one has had its forward replaced by something that skips its adapter (a
+kernel patch such as Liger's fused MoE, a wrapper), and would never train. All ranks read the same reduced
+bucket, so all stop together, with one line naming those layers.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from bilora_dist.adapters.bank import AdapterBank
 from bilora_dist.aux_ascent import (AuxVariant, clean_loss, diagnostics, normalized_ascent, reachable_spectra,
                                    refresh)
 from bilora_dist.engines.base import Engine
+from bilora_dist.errors import UserError
 from bilora_dist.loss import token_loss_sum
 
 if TYPE_CHECKING:
@@ -62,6 +68,7 @@ class LoRAStep:
                  max_grad_norm: float):
         self.model, self.bank, self.optimizer, self.engine = model, bank, optimizer, engine
         self.max_grad_norm = max_grad_norm
+        self.reach_pending = True  # until the first applied step with tokens has checked every layer's gradient
         bank.bind_grad_bucket()  # the bank re-binds it whenever it replaces a branch (rank change)
 
     @classmethod
@@ -91,6 +98,24 @@ class LoRAStep:
         assert self.bank.grad_bucket is not None
         return None if bool(torch.isfinite(self.bank.grad_bucket.flat).all()) else "non-finite gradient"
 
+    def check_reached(self, tokens: int) -> None:
+        """On the first finite step with tokens (this process's, so also after a resume): UserError naming the
+        bank layers whose primary factors got no gradient at all. The primary's B starts at 0, so its A gets
+        none at the first step, but its B does wherever the adapter runs; a fused expert tensor counts as one
+        layer (an expert no token reached leaves its slice zero). The auxiliary is not read: it runs in the same
+        product as the primary, so it is bypassed with it."""
+        if not self.reach_pending or tokens == 0:
+            return
+        self.reach_pending = False
+        shapes = self.bank.shapes
+        missing = [shapes[i].name for i in (self.bank.primary.grad_peaks() == 0).nonzero().flatten().tolist()]
+        if missing:
+            named = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise UserError(f"the adapters of {len(missing)} of {len(shapes)} layers got no gradient in the first "
+                            f"step ({named}): something replaced their forward (a kernel patch such as Liger's "
+                            "fused MoE, or a wrapper), so they would never train; stopped before the first update "
+                            "(try --kernels none)")
+
     def clip_primary(self) -> float:
         """Clip the primary gradient only (the auxiliary is never clipped with it); return its norm."""
         grad = self.bank.primary.flat.grad
@@ -104,6 +129,7 @@ class LoRAStep:
         loss, tokens = self.forward_backward(micro_batches)
         if skipped := self.nonfinite(loss):
             return StepStats(loss, tokens, math.nan, skipped=skipped)
+        self.check_reached(tokens)
         norm = self.clip_primary()
         self.optimizer.step()
         return StepStats(loss, tokens, norm)
@@ -156,6 +182,7 @@ class BiLoRAStep(_RadiusStep):
             sketch.flat.div_(max(tokens, 1))
         if skipped := self.nonfinite(loss):
             return StepStats(loss, tokens, math.nan, skipped=skipped)
+        self.check_reached(tokens)
         spectra = reachable_spectra(bank, sketch, self.engine) if sketch is not None else None
         found = diagnostics(bank, spectra, loss, clean) if diagnosing and spectra is not None else None
         norm = self.clip_primary()
@@ -191,6 +218,7 @@ class SAMStep(_RadiusStep):
         loss, tokens = self.forward_backward(micro_batches)
         if skipped := self.nonfinite(loss):
             return StepStats(loss, tokens, math.nan, skipped=skipped)
+        self.check_reached(tokens)
         theta = flat.detach().clone()
         with torch.no_grad():
             flat.add_(flat.grad * (self.rho / (float(flat.grad.norm()) + 1e-12)))

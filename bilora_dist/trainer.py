@@ -244,7 +244,7 @@ def attach_and_wrap(cfg: TrainConfig, engine: Engine, model: torch.nn.Module, ba
                     recompute: Recompute) -> torch.nn.Module:
     """Put the chosen kernels in, hook the bank's updates into the target layers, checkpoint the chosen blocks,
     compile the blocks if asked, then let the engine wrap the model for training."""
-    kernels = choose_kernels(cfg.kernels, engine.device, model.config.model_type, liger_model_types())
+    kernels = choose_kernels(cfg.kernels, engine.device, model.config.model_type, liger_model_types(), bank.shapes)
     say(engine, kernels.describe())
     apply_kernels(model, kernels)
     inject(model, bank)

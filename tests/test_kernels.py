@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 import torch._dynamo
+from transformers import AutoModelForCausalLM
 from torch._dynamo.utils import counters
 
+from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
+from bilora_dist.adapters.bank import LayerShape
+from bilora_dist.adapters.experts import is_experts_module
 from bilora_dist.cli import run_cli, train_main
+from bilora_dist.engines.base import Engine
 from bilora_dist.errors import UserError
-from bilora_dist.kernels import choose_kernels, compile_blocks
+from bilora_dist.kernels import LIGER_PATCHES, KernelChoice, apply_kernels, choose_kernels, compile_blocks
+from bilora_dist.methods import METHOD_STEPS, build_optimizer
 from tests_support import random_adapted_model, step_rows, tiny_llama_config, tiny_moe_config
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
@@ -23,6 +32,71 @@ def test_auto_takes_liger_only_on_cuda_where_it_is_installed_and_supported():
     assert choose_kernels("none", CUDA, "llama", {"llama"}).name == "none"
     with pytest.raises(UserError, match="--kernels liger: it runs on CUDA only"):
         choose_kernels("liger", CPU, "llama", {"llama"})
+
+
+DENSE = [LayerShape("model.layers.0.self_attn.q_proj", 32, 32), LayerShape("model.layers.0.mlp.gate_proj", 32, 64)]
+EXPERTS = [*DENSE, LayerShape("model.layers.0.mlp.experts.gate_up_proj", 32, 32, 4),
+           LayerShape("model.layers.0.mlp.experts.down_proj", 16, 32, 4)]
+
+
+def test_liger_takes_swiglu_only_where_no_expert_tensor_is_adapted():
+    dense = choose_kernels("auto", CUDA, "llama", {"llama"}, DENSE)  # its SwiGLU MLPs call the projections
+    assert dense.patches == ("rms_norm", "rope", "swiglu")
+    assert dense.why == "Liger-Kernel's RMSNorm, RoPE and SwiGLU; the loss stays ours"
+    for flag in ("auto", "liger"):
+        moe = choose_kernels(flag, CUDA, "qwen3_moe", {"qwen3_moe"}, EXPERTS)
+        assert moe.name == "liger" and moe.patches == ("rms_norm", "rope")
+        assert moe.describe() == ("kernels liger: Liger-Kernel's RMSNorm and RoPE; SwiGLU left out (its fused MoE "
+                                  "would replace the experts' forward, bypassing the adapters of 2 expert "
+                                  "tensors); the loss stays ours")
+    # an MoE model whose experts are not adapted keeps it: nothing of ours runs in the experts
+    assert choose_kernels("auto", CUDA, "qwen3_moe", {"qwen3_moe"}, DENSE).patches == LIGER_PATCHES
+
+
+def _fake_liger(monkeypatch) -> list[dict]:
+    """liger_kernel.transformers with an instance patch that does to experts modules what Liger's `swiglu` does
+    on transformers 5 (binds a fused MoE forward computing from the weights alone); returns its calls' flags."""
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    calls = []
+
+    def _apply_liger_kernel_to_instance(model, **flags):
+        calls.append(flags)
+        if flags.get("swiglu", True):  # Liger's own default
+            for module in model.modules():
+                if is_experts_module(module):
+                    module.forward = types.MethodType(grouped_mm_experts_forward, module)
+
+    package, transformers_ = types.ModuleType("liger_kernel"), types.ModuleType("liger_kernel.transformers")
+    transformers_._apply_liger_kernel_to_instance = _apply_liger_kernel_to_instance
+    package.transformers = transformers_
+    monkeypatch.setitem(sys.modules, "liger_kernel", package)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", transformers_)
+    return calls
+
+
+def _first_step_on_patched_moe(choice: KernelChoice | None) -> None:
+    """Build a tiny Qwen3-MoE, patch it as a run does (kernels, then adapters), take one LoRA step."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_moe_config("qwen3_moe", 96)).float().requires_grad_(False)
+    bank = build_bank(layer_shapes(model, select_targets(model, "all-linear")), 4, 8.0, None, 1.0, 0)
+    apply_kernels(model, choice or choose_kernels("auto", CUDA, "qwen3_moe", {"qwen3_moe"}, bank.shapes))
+    inject(model, bank)
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "logits_to_keep": 12,
+             "position_ids": torch.arange(12).expand(2, 12)}
+    METHOD_STEPS["lora"](model, bank, build_optimizer(bank, 1e-2, 0.0), Engine(), 1.0)([batch])
+
+
+def test_the_chosen_liger_patches_leave_adapted_experts_ours_and_a_full_patch_is_caught(monkeypatch):
+    calls = _fake_liger(monkeypatch)
+    _first_step_on_patched_moe(None)  # passes the first step's gradient check
+    assert calls[-1] == {"rms_norm": True, "rope": True, "swiglu": False, "cross_entropy": False,
+                         "fused_linear_cross_entropy": False}
+    with pytest.raises(UserError, match=r"^the adapters of 4 of \d+ layers got no gradient in the first step "
+                                        r"\(model\.layers\.0\.mlp\.experts\.gate_up_proj, .* and 1 more\): "
+                                        r"something replaced their forward \(a kernel patch such as Liger's"):
+        _first_step_on_patched_moe(KernelChoice("liger", "every patch", LIGER_PATCHES))
 
 
 def _loss_and_grads(model, bank, ids) -> tuple[torch.Tensor, torch.Tensor]:

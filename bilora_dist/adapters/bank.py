@@ -149,6 +149,20 @@ class Branch(nn.Module):
         return ShapeGroup(layers, block[:, :c * r * n].reshape(-1, r, n), block[:, c * r * n:].reshape(-1, m, r),
                           scales.repeat_interleave(c), c)
 
+    def grad_peaks(self) -> Tensor:
+        """max |g| over each layer's slice of flat.grad (A and B, all of a fused projection's experts): one
+        reduction per shape group, no temporary of the gradient's size (a max cannot underflow as a sum of
+        squares would)."""
+        grad = self.flat.grad
+        assert grad is not None
+        out = torch.empty(len(self.shapes), dtype=grad.dtype, device=grad.device)
+        for _, run in itertools.groupby(self.order, key=self._key):
+            layers = list(run)
+            start, stride = self.offsets[layers[0]], self.shapes[layers[0]].numel(self.ranks[layers[0]])
+            block = grad[start:start + stride * len(layers)].view(len(layers), stride)
+            out[layers] = torch.linalg.vector_norm(block, float("inf"), dim=1)
+        return out
+
     def delta_sq_norms(self) -> Tensor:
         """||s_i B_i A_i||_F^2 for every layer (summed over a fused projection's experts), from r x r Gram
         products (never forms m x n)."""
