@@ -89,7 +89,8 @@ class TrainConfig:
     attn_implementation: str = _opt("auto", "attention kernel (auto: flash_attention_2 where installed on CUDA, "
                                             "else sdpa)", choices=ATTENTION)
     kernels: str = _opt("auto", "fused kernels for the frozen base (auto: Liger-Kernel's RMSNorm, RoPE and SwiGLU on "
-                                "CUDA where liger-kernel is installed and supports the model, else none)",
+                                "CUDA where liger-kernel is installed and supports the model, else none; SwiGLU "
+                                "left out where expert tensors are adapted)",
                         choices=("auto", "liger", "none"))
     compile: bool = _opt(False, "torch.compile each decoder block (regional: one graph shared by the blocks)")
     packing: bool = _opt(False, "pack examples into rows of up to --seq-len tokens, no attention across examples")
