@@ -4,7 +4,8 @@ What a rank holds: its part of the frozen base (whole for single / ZeRO-1/2, a 1
 ZeRO-3 plus the small parameters it keeps resident, a dim-0 shard for FSDP2; under 4-bit each
 quantised linear weight is its packed NF4 bytes plus its quantisation state), the replicated fp32
 adapters with their gradient bucket and AdamW moments, the activations one micro-batch saves for
-backward (activations.py), and transiently the largest block gathered for a forward or backward,
+backward (activations.py), and transiently the largest block gathered for a forward or backward
+(under ZeRO-3 at least twice the largest module's own partitioned parameters: zero3_fetch_bytes),
 the output head's loss, the block recomputed under gradient checkpointing, and under 4-bit the
 dequantised weight of the largest quantised linear.
 """
@@ -130,13 +131,29 @@ def base_bytes_on_rank(model: nn.Module, engine: str, world: int, rank: int,
     return total
 
 
-def largest_gathered_block_bytes(model: nn.Module, engine: str,
-                                 quantized: Collection[int] = ()) -> int:
-    """The largest unit whose full weights a sharding engine materialises at once (0 when nothing is sharded)."""
+def zero3_fetch_bytes(model: nn.Module, persistence_threshold: int = DEFAULT_PERSISTENCE_THRESHOLD) -> int:
+    """The most one ZeRO-3 fetch holds at once. DeepSpeed gathers a module's own partitioned parameters (those
+    above the persistence threshold) before its forward and its backward; two or more are all-gathered into one
+    flat buffer and copied out of it parameter by parameter, buffer and copies alive together (DeepSpeed 0.19's
+    AllGatherCoalescedHandle.wait): twice their bytes. A lone parameter is gathered in place. An experts module
+    (3-D gate_up_proj and down_proj) is such a pair, larger than the rest of its block."""
+    most = 0
+    for module in model.modules():
+        sizes = [p.numel() * p.element_size() for p in module.parameters(recurse=False)
+                 if p.numel() > persistence_threshold]
+        most = max(most, 2 * sum(sizes) if len(sizes) > 1 else sum(sizes))
+    return most
+
+
+def largest_gathered_block_bytes(model: nn.Module, engine: str, quantized: Collection[int] = (),
+                                 persistence_threshold: int = DEFAULT_PERSISTENCE_THRESHOLD) -> int:
+    """The largest unit whose full weights a sharding engine materialises at once (0 when nothing is sharded);
+    under ZeRO-3 at least its largest fetch (zero3_fetch_bytes)."""
     if engine not in ("zero3", "fsdp"):
         return 0
-    return max(sum(n * size for n, size, _, _ in (_stored(p, quantized) for p in unit.parameters()))
-               for unit in shard_units(model))
+    block = max(sum(n * size for n, size, _, _ in (_stored(p, quantized) for p in unit.parameters()))
+                for unit in shard_units(model))
+    return max(block, zero3_fetch_bytes(model, persistence_threshold)) if engine == "zero3" else block
 
 
 def micro_batch_transients(model: nn.Module, trace: ActivationTrace, tokens: int, recomputed: Collection[int],
@@ -156,7 +173,7 @@ def plan_memory(model: nn.Module, adapter_numel: int, engine: str, world: int,
     `quantize`: the linear weights in NF4 (quantized_weights)."""
     quantized = quantized_weights(model) if quantize else {}
     adapters = adapter_numel * ADAPTER_BYTES
-    block = largest_gathered_block_bytes(model, engine, quantized)
+    block = largest_gathered_block_bytes(model, engine, quantized, persistence_threshold)
     return [RankPlan(rank, base_bytes_on_rank(model, engine, world, rank, persistence_threshold, quantized),
                      adapters, adapters, 2 * adapters, block, **asdict(transients)) for rank in range(world)]
 

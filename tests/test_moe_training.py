@@ -1,22 +1,26 @@
 """Training a mixture-of-experts model end to end: a tiny random Qwen3-MoE (4 experts, top-2), saved as
 transformers 5 saves it (per-expert tensors, fused at load time), trained by launch/train.py on one process,
-2 ZeRO-3 ranks and 2 FSDP2 ranks (which must agree up to summation order, as in test_distributed.py), resumed
+2 ZeRO-3 ranks (ds_configs/zero3.json, and tests/data/zero3_partitioned.json, which partitions every tensor,
+resumed) and 2 FSDP2 ranks (which must agree up to summation order, as in test_distributed.py), resumed
 on another engine, and its PEFT adapter loaded by peft with the experts in target_parameters."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.checkpoint import load_checkpoint, restore_bank
-from tests_support import assert_same_run, assert_trained_close, launcher, run_ok, tiny_moe_config
+from tests_support import (assert_same_run, assert_trained_close, launcher, read_metrics, run_ok, step_rows,
+                           tiny_moe_config)
 
 STEPS = 4
 
@@ -72,10 +76,38 @@ def test_new_user_run_adapts_every_expert(runs, moe_model_dir):
 
 
 @pytest.mark.parametrize("method", ["lora", "bilora"])
-@pytest.mark.parametrize("kind", ["zero3", "fsdp"])
+@pytest.mark.parametrize("kind", ["zero3", "zero3_partitioned", "fsdp"])
 def test_two_ranks_match_one_process(runs, kind, method):
     out, _ = runs(kind, method)
     assert_same_run(out, runs("single", method)[0], STEPS)
+
+
+def test_zero3_partitioned_holds_half_of_every_tensor(runs, moe_model_dir):
+    """tests/data/zero3_partitioned.json (persistence threshold 0): no tensor stays whole on a rank, the experts'
+    included (ds_configs/zero3.json keeps every tensor of this model under 100,000 elements whole); each rank
+    holds its half of each, padded to even (gathering and release: test_zero3_partitioned.py)."""
+    out, _ = runs("zero3_partitioned", "bilora")
+    held = [r for r in read_metrics(out) if "base_held_numel" in r][-1]["base_held_numel"]
+    model = AutoModelForCausalLM.from_pretrained(moe_model_dir)
+    assert held == [sum(-(-p.numel() // 2) for p in model.parameters())] * 2
+
+
+def test_zero3_partitioned_resumes_where_it_stopped(runs, moe_model_dir, module_data, tmp_path):
+    """A run stopped after its step-2 checkpoint (its output directory as it was then) and continued with --resume
+    auto ends as the uninterrupted run: the same losses and adapters, bit for bit."""
+    full, _ = runs("zero3_partitioned", "lora")
+    stopped = tmp_path / "run"
+    shutil.copytree(full, stopped)
+    shutil.rmtree(stopped / "adapter")
+    shutil.rmtree(stopped / "checkpoints" / f"step_{STEPS}")
+    proc = run_ok(launcher("zero3_partitioned") + [
+        "--model", str(moe_model_dir), "--data", str(module_data[0]), "--eval-data", str(module_data[1]),
+        "--method", "lora", "--max-steps", str(STEPS), "--micro-batch-size", "4", "--grad-accum", "1", "--lr", "2e-3",
+        "--warmup-ratio", "0", "--rho", "0.02", "--save-every", "2", "--output-dir", str(stopped), "--resume", "auto"])
+    assert f"resuming from {stopped / 'checkpoints' / 'step_2'}" in proc.stdout + proc.stderr
+    assert [(r["step"], r["loss"]) for r in step_rows(stopped)] == [(r["step"], r["loss"]) for r in step_rows(full)]
+    got, want = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (stopped, full))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_resume_on_fsdp_from_a_one_process_checkpoint(runs, moe_model_dir, module_data, tmp_path):

@@ -48,12 +48,20 @@ def two_ranks(runner: str) -> list[str]:
     return ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port())]
 
 
+def ds_config_path(kind: str) -> str:
+    """The ds_config of launcher kind `kind`: ds_configs/KIND.json, or the test-only tests/data/KIND.json."""
+    shipped = f"ds_configs/{kind}.json"
+    return shipped if (ROOT / shipped).exists() else f"tests/data/{kind}.json"
+
+
 def launcher(kind: str) -> list[str]:
-    """launch/train.py on one process ("single"), 2 DeepSpeed ranks ("zero2", "zero3") or 2 FSDP2 ranks ("fsdp")."""
+    """launch/train.py on one process ("single"), 2 DeepSpeed ranks ("zero2", "zero3", "zero3_offload", or
+    "zero3_partitioned": every parameter partitioned, gathered for each module and released after it) or 2
+    FSDP2 ranks ("fsdp")."""
     if kind == "single":
         return [sys.executable, "launch/train.py"]
     if kind.startswith("zero"):
-        return two_ranks("deepspeed") + ["launch/train.py", "--ds_config", f"ds_configs/{kind}.json"]
+        return two_ranks("deepspeed") + ["launch/train.py", "--ds_config", ds_config_path(kind)]
     return two_ranks("torchrun") + ["launch/train.py", "--engine", "fsdp"]
 
 

@@ -1,0 +1,94 @@
+"""ZeRO-3 with every parameter partitioned (tests/data/zero3_partitioned.json: persistence thresholds 0, no
+prefetch, no reuse window), on mixture-of-experts models: each adapted expert tensor rests as its partition, is
+gathered for its module's forward and backward and released after each, and nothing autograd saves keeps a
+gathered copy alive (tests/zero3_worker.py, 2 ranks); the peak of a measured step against the --dry-run plan.
+Training, one-process equality and resume under this config: tests/test_moe_training.py."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+from bilora_dist.config import parse_config
+from bilora_dist.trainer import dry_run
+from tests_support import run_ok, tiny_moe_config, two_ranks
+
+CONFIG = "tests/data/zero3_partitioned.json"
+FAMILIES = ("qwen3_moe", "gpt_oss")  # experts stored [E, out, in], and [E, in, out] (is_transposed) with biases
+# 4 Qwen3-MoE layers of 16 experts (hidden 128, expert width 256): experts are 93 % of the base
+MEASURED = Qwen3MoeConfig(vocab_size=1024, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=32, intermediate_size=256, moe_intermediate_size=256,
+                          num_experts=16, num_experts_per_tok=2, max_position_embeddings=256, bos_token_id=1,
+                          eos_token_id=2, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory) -> list[dict]:
+    """Each rank's report (zero3_worker.py) on the tiny models of FAMILIES, and the measured step of MEASURED."""
+    root = tmp_path_factory.mktemp("zero3_partitioned")
+    dirs = []
+    for name, config in [*((f, tiny_moe_config(f, 1024)) for f in FAMILIES), ("measured", MEASURED)]:
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(root / name)
+        dirs.append(str(root / name))
+    out = root / "out"
+    out.mkdir()
+    run_ok(two_ranks("deepspeed") + ["tests/zero3_worker.py", CONFIG, str(out), *dirs[:-1], "--measure", dirs[-1]])
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_expert_tensor_rests_as_its_partition(reports, family):
+    for report in reports:
+        at_rest, world = report["release"][family]["at_rest"], report["release"][family]["world_size"]
+        assert {n.rsplit(".", 1)[1] for n in at_rest} >= {"gate_up_proj", "down_proj"}
+        for name, p in at_rest.items():
+            # not persistent, no full copy, 1/2 of the tensor held (DeepSpeed pads to a multiple of the world size)
+            assert not p["persist"] and p["status"] == "NOT_AVAILABLE" and p["data_numel"] == 0, name
+            assert p["partition_numel"] == math.ceil(p["ds_numel"] / world) < p["ds_numel"], name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gathered_expert_weight_is_released_after_forward_and_backward(reports, family):
+    """After an experts module's forward returns, DeepSpeed has released its parameters, and no tensor autograd saved
+    (a transposed view of the gathered [E, out, in] weight, as torch's grouped mm saves its operand) still holds the
+    gathered storage; after backward every expert parameter is released again. Both steps: the first, which records
+    DeepSpeed's module trace, and the second, which releases by it."""
+    for report in reports:
+        for step in report["release"][family]["steps"]:
+            assert step["after_forward"].keys() == step["after_backward"].keys() == \
+                report["release"][family]["at_rest"].keys()  # every experts module ran, its hook saw it
+            for when in ("after_forward", "after_backward"):
+                assert all(s == {"status": "NOT_AVAILABLE", "data_numel": 0} for s in step[when].values()), when
+            assert step["kept_after_module_forward"] == {}, step["saved_views_of_gathered"]
+            assert step["kept_until_backward"] == {}, step["saved_views_of_gathered"]
+            assert step["kept_after_backward"] == {}
+
+
+def test_peak_with_every_parameter_partitioned_is_within_15_percent_of_the_plan(reports, tmp_path):
+    """A bilora step (rank 8 + 8 on every linear layer and expert tensor) of MEASURED on 2 ranks, measured as
+    test_memory_plan.py measures one process, against rank 0's --dry-run plan for the same config."""
+    real = reports[0]["measured"]
+    assert reports[1]["measured"] == real  # same batch on both ranks: the same step
+    path = tmp_path / "measured"
+    MEASURED.save_pretrained(path)
+    text = dry_run(parse_config(["--dry-run", "--model", str(path), "--ds_config", CONFIG, "--plan-ranks", "2",
+                                 "--micro-batch-size", str(real["batch"]), "--seq-len", str(real["seq"]),
+                                 "--loss-chunk", str(real["chunk"]), "--method", "bilora", "--rank", str(real["rank"]),
+                                 "--aux-rank", str(real["rank"]), "--bf16", "false"]))
+    plan = json.loads(text.splitlines()[-1])["ranks"][0]
+    saved_by_loss = real["batch"] * real["seq"] * MEASURED.hidden_size * 4  # the head input's gradient, kept
+    print(f"zero3, every parameter partitioned: peak plan {plan['peak_bytes'] / 2**20:.2f} MiB, measured "
+          f"{real['peak'] / 2**20:.2f}; activations plan {plan['activation_bytes'] / 2**20:.2f}, measured "
+          f"{(real['after_loss_forward'] - saved_by_loss) / 2**20:.2f}; gathered plan "
+          f"{plan['gathered_block_bytes'] / 2**20:.2f}; kept until backward {real['kept_until_backward'] / 2**20:.2f}")
+    assert real["gathered_at_rest"] == 0 and real["kept_until_backward"] == 0
+    assert plan["base_bytes"] == real["partitions"]
+    assert plan["total_bytes"] - plan["gathered_block_bytes"] == pytest.approx(real["resident"], rel=1e-3)
+    assert plan["activation_bytes"] == pytest.approx(real["after_loss_forward"] - saved_by_loss, rel=0.15)
+    assert plan["peak_bytes"] == pytest.approx(real["peak"], rel=0.15)
