@@ -1,13 +1,24 @@
-"""Step time and peak memory on a mixture-of-experts model: our lora and bilora against PEFT's LoRA with the
-experts in `target_parameters` (peft's ParamWrapper), side by side in one run.
+"""Step time and peak memory of expert LoRA at the expert counts people train: our lora and bilora against PEFT's
+LoRA with the experts in `target_parameters` (peft's ParamWrapper) and against the attention-only floor, side by
+side in one run.
 
-    python benchmarks/moe_cost.py [--steps 6] [--rounds 3] [--micro-batch-size 4] [--seq-len 256]
+    python benchmarks/moe_cost.py [--shapes sweep layer] [--rounds 2] [--steps 3]
+    python benchmarks/moe_cost.py --shapes gpu --device cuda --dtype bf16 --micro-batch-size 8 --seq-len 1024
 
-The model is a random Qwen3-MoE of hidden size 256, 4 layers, 16 experts (expert width 256), top-2, vocabulary
-8192, fp32 on the CPU; every method adapts q/k/v/o and every expert's gate_up_proj and down_proj at rank 8
-(bilora: + rank 8 auxiliary), trains on the same random token batches with AdamW, and measures its step after a
-warm-up. Each (round, method) is a fresh worker process (peak RSS per method); rounds interleave the methods.
-Reports medians of wall and process-CPU time per step and ratios to PEFT's.
+Shapes (random Qwen3-MoE, top-8, fp32 on the CPU, vocabulary 8192, micro-batch 4 x 256 = 1024 tokens):
+- `sweep`: hidden 512, expert width 256, 2 layers, 16 / 64 / 128 / 256 experts (same routed tokens each);
+- `layer`: one Qwen3-30B-A3B decoder layer (hidden 2048, expert width 768, 128 experts, 32 / 4 heads of 128);
+- `gpu`: Qwen3-30B-A3B's layer shape at 4 layers, for one GPU in bf16 (`--device cuda --dtype bf16`);
+- `smoke`: hidden 64, 8 experts, 2 layers: seconds, to try the script.
+
+Methods, all rank 8 with AdamW on the same random token batches:
+- `floor`: our LoRA on q/k/v/o only; the frozen experts still run forward and backward (transformers' grouped mm);
+- `peft`: PEFT on q/k/v/o and every expert gate_up_proj / down_proj (target_parameters);
+- `lora` / `bilora`: ours on the same layers as PEFT (bilora: + a rank-8 auxiliary).
+
+Each (round, shape, method) is a fresh worker process (one thread on the CPU; peak RSS per worker, and on CUDA the
+peak allocated memory); rounds interleave the methods. Reports the median wall time per step after a warm-up,
+tokens per second and the ratios the targets are stated in.
 """
 
 from __future__ import annotations
@@ -21,7 +32,17 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("peft", "lora", "bilora")
+METHODS = ("floor", "peft", "lora", "bilora")
+SHAPES = {  # name: (hidden, expert width, experts, layers, heads, kv heads, head dim)
+    **{f"sweep-{e}": (512, 256, e, 2, 8, 4, 64) for e in (16, 64, 128, 256)},
+    "qwen3-30b-a3b-layer": (2048, 768, 128, 1, 32, 4, 128),
+    "qwen3-30b-a3b-4-layers": (2048, 768, 128, 4, 32, 4, 128),
+    "tiny": (64, 32, 8, 2, 4, 2, 16),
+}
+GROUPS = {"sweep": [f"sweep-{e}" for e in (16, 64, 128, 256)], "layer": ["qwen3-30b-a3b-layer"],
+          "gpu": ["qwen3-30b-a3b-4-layers"], "smoke": ["tiny"]}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def model_and_batches(args: argparse.Namespace):
@@ -30,30 +51,33 @@ def model_and_batches(args: argparse.Namespace):
 
     from bilora_dist.data import collate
 
-    config = Qwen3MoeConfig(vocab_size=8192, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
-                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                            num_experts=16, num_experts_per_tok=2, max_position_embeddings=1024)
+    hidden, width, experts, layers, heads, kv_heads, head_dim = SHAPES[args.shape]
+    config = Qwen3MoeConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=4 * hidden,
+                            moe_intermediate_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                            num_key_value_heads=kv_heads, head_dim=head_dim, num_experts=experts,
+                            num_experts_per_tok=8, max_position_embeddings=1024, tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).float().requires_grad_(False)
+    with torch.device(args.device):  # random init where the model runs (billions of parameters on a GPU)
+        model = AutoModelForCausalLM.from_config(config).to(getattr(torch, DTYPES[args.dtype]))
+    model.requires_grad_(False)
     gen = torch.Generator().manual_seed(1)
     batches = []
     for _ in range(args.steps + 1):
         rows = [torch.randint(3, 8192, (args.seq_len,), generator=gen).tolist() for _ in range(args.micro_batch_size)]
-        batches.append(collate([{"input_ids": r, "labels": r} for r in rows], 0))
+        batch = collate([{"input_ids": r, "labels": r} for r in rows], 0)
+        batches.append({k: v.to(args.device) if hasattr(v, "to") else v for k, v in batch.items()})
     return model, batches
 
 
-def peft_step(model, lr: float):
+def peft_step(model, layers: int, lr: float):
     """PEFT LoRA on the same layers (experts through target_parameters), our token loss, AdamW."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from bilora_dist.loss import token_loss_sum
 
-    experts = [f"model.layers.{i}.mlp.experts.{p}" for i in range(4) for p in ("gate_up_proj", "down_proj")]
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                 "o_proj"],
-                                            target_parameters=experts))
+    experts = [f"model.layers.{i}.mlp.experts.{p}" for i in range(layers) for p in ("gate_up_proj", "down_proj")]
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=ATTENTION, target_parameters=experts))
     params = [p for p in peft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
 
@@ -68,72 +92,101 @@ def peft_step(model, lr: float):
     return step
 
 
-def worker(args: argparse.Namespace) -> None:
-    import torch
-
+def our_step(model, method: str, device: str):
     from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
     from bilora_dist.engines.base import Engine
     from bilora_dist.methods import METHOD_STEPS, build_optimizer
 
+    targets = select_targets(model, ",".join(ATTENTION) if method == "floor" else "all-linear")
+    bank = build_bank(layer_shapes(model, targets), 8, 16.0, 8 if method == "bilora" else None, 1.0, seed=0).to(device)
+    inject(model, bank)
+    name = "lora" if method == "floor" else method
+    return METHOD_STEPS[name](model, bank, build_optimizer(bank, 1e-4, 0.0), Engine(), 1.0,
+                              *([0.05] if method == "bilora" else []))
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    cuda = args.device == "cuda"
+    if not cuda:
+        torch.set_num_threads(1)
     model, batches = model_and_batches(args)
-    if args.worker == "peft":
-        step = peft_step(model, 1e-4)
-    else:
-        bank = build_bank(layer_shapes(model, select_targets(model, "all-linear")), 8, 16.0,
-                          8 if args.worker == "bilora" else None, 1.0, seed=0)
-        inject(model, bank)
-        step = METHOD_STEPS[args.worker](model, bank, build_optimizer(bank, 1e-4, 0.0), Engine(), 1.0,
-                                         *([0.05] if args.worker == "bilora" else []))
+    layers = SHAPES[args.shape][3]
+    step = peft_step(model, layers, 1e-4) if args.worker == "peft" else our_step(model, args.worker, args.device)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step([batches[0]])  # warm-up
-    times, cpu_times = [], []
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
     for b in batches[1:]:
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0 = time.perf_counter()
         step([b])
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"times": times, "cpu_times": cpu_times, "peak_rss_mb": peak / 1024,
-                      "train_extra_mb": (peak - baseline) / 1024, "threads": torch.get_num_threads()}))
+    peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    base = 0 if cuda else baseline * 1024
+    print(json.dumps({"times": times, "peak_mb": peak / 2**20, "train_extra_mb": (peak - base) / 2**20,
+                      "tokens_per_s": args.micro_batch_size * args.seq_len / statistics.median(times)}))
+
+
+def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, dict[str, float]]]:
+    out = {}
+    for shape, by_method in runs.items():
+        s = {m: {"step_s": statistics.median(t for run in rs for t in run["times"]),
+                 "peak_mb": max(run["peak_mb"] for run in rs),
+                 "tokens_per_s": statistics.median(run["tokens_per_s"] for run in rs),
+                 "train_extra_mb": max(run["train_extra_mb"] for run in rs)} for m, rs in by_method.items()}
+        for m in s:
+            s[m]["vs_floor"] = s[m]["step_s"] / s["floor"]["step_s"]
+            s[m]["vs_peft"] = s[m]["step_s"] / s["peft"]["step_s"]
+            s[m]["peak_vs_peft"] = s[m]["peak_mb"] / s["peft"]["peak_mb"]
+        s["bilora"]["vs_lora"] = s["bilora"]["step_s"] / s["lora"]["step_s"]
+        out[shape] = s
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--shapes", nargs="+", choices=sorted(GROUPS), default=["sweep", "layer"])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_cost.json"))
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--shape", choices=sorted(SHAPES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+    shapes = [s for group in args.shapes for s in GROUPS[group]]
+    runs: dict[str, dict[str, list[dict]]] = {s: {m: [] for m in METHODS} for s in shapes}
     for r in range(args.rounds):
-        for method in METHODS:
-            cmd = [sys.executable, __file__, "--worker", method, "--steps", str(args.steps), "--micro-batch-size",
-                   str(args.micro_batch_size), "--seq-len", str(args.seq_len)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            runs[method].append(json.loads(out.strip().splitlines()[-1]))
-            print(f"round {r + 1}/{args.rounds} {method}: median step "
-                  f"{statistics.median(runs[method][-1]['times']):.3f} s", file=sys.stderr)
-    summary = {}
-    for method in METHODS:
-        summary[method] = {"step_s": statistics.median(t for run in runs[method] for t in run["times"]),
-                           "cpu_s": statistics.median(t for run in runs[method] for t in run["cpu_times"]),
-                           "peak_rss_mb": max(run["peak_rss_mb"] for run in runs[method])}
-    for method in METHODS:
-        for key, name in (("step_s", "time_vs_peft"), ("cpu_s", "cpu_vs_peft"), ("peak_rss_mb", "peak_vs_peft")):
-            summary[method][name] = summary[method][key] / summary["peft"][key]
+        for shape in shapes:
+            for method in METHODS:
+                cmd = [sys.executable, __file__, "--worker", method, "--shape", shape, "--steps", str(args.steps),
+                       "--micro-batch-size", str(args.micro_batch_size), "--seq-len", str(args.seq_len),
+                       "--device", args.device, "--dtype", args.dtype]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                runs[shape][method].append(json.loads(out.strip().splitlines()[-1]))
+                print(f"round {r + 1}/{args.rounds} {shape} {method}: median step "
+                      f"{statistics.median(runs[shape][method][-1]['times']):.3f} s", file=sys.stderr, flush=True)
+    summary = summarize(runs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"config": vars(args), "summary": summary, "runs": runs}, indent=2))
-    print("| method | step wall (s) | wall / PEFT | step CPU (s) | CPU / PEFT | peak RSS (MB) | peak / PEFT |")
-    print("|---|---|---|---|---|---|---|")
-    for method, s in summary.items():
-        print(f"| {method} | {s['step_s']:.3f} | {s['time_vs_peft']:.3f} | {s['cpu_s']:.3f} | {s['cpu_vs_peft']:.3f} "
-              f"| {s['peak_rss_mb']:.0f} | {s['peak_vs_peft']:.3f} |")
-    print(f"bilora / lora: wall {summary['bilora']['step_s'] / summary['lora']['step_s']:.3f}, "
-          f"CPU {summary['bilora']['cpu_s'] / summary['lora']['cpu_s']:.3f}")
+    memory = "peak allocated (MB)" if args.device == "cuda" else "peak RSS (MB)"
+    print(f"| shape | method | step (s) | tokens/s | / floor | / PEFT | {memory} | peak / PEFT |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape, s in summary.items():
+        for method, row in s.items():
+            print(f"| {shape} | {method} | {row['step_s']:.3f} | {row['tokens_per_s']:.0f} | {row['vs_floor']:.2f} "
+                  f"| {row['vs_peft']:.2f} | {row['peak_mb']:.0f} | {row['peak_vs_peft']:.2f} |")
+    for shape, s in summary.items():
+        print(f"{shape}: bilora / lora {s['bilora']['vs_lora']:.3f}")
 
 
 if __name__ == "__main__":
