@@ -19,7 +19,6 @@ peak.
 from __future__ import annotations
 
 from collections.abc import Collection
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from bilora_dist.adapters import inject
 from bilora_dist.adapters.bank import AdapterBank, Branch, LayerShape
@@ -62,18 +61,56 @@ class ActivationTrace:
         return max((own[i] for i in recomputed), default=0)
 
 
-class _FusedAttention(TorchFunctionMode):
-    """Routes F.scaled_dot_product_attention to the fused kernel, whose meta function saves what the
-    real fused kernels save (meta SDPA would otherwise take the math path)."""
+class _MetaTrace(TorchFunctionMode):
+    """The trace's torch functions. A real (CPU) buffer meeting meta activations is moved to meta for the
+    call (DeepSeek-V3's router adds its `e_score_correction_bias` buffer to the meta scores; a mix would
+    fail), once per buffer, its copy resident like the buffer. With `fused`, F.scaled_dot_product_attention
+    is routed to the fused kernel, whose meta function saves what the real fused kernels save (meta SDPA
+    would otherwise take the math path); where v's head dimension is not q's (DeepSeek's MLA: q and k 192,
+    v 128), to the memory-efficient kernel, which SDPA picks for such shapes on a GPU (flash needs equal head
+    dimensions, and the CPU flash kernel's meta function would return an output of q's head dimension): it
+    saves q, k, v, the output and the log-sum-exp as well."""
+
+    def __init__(self, fused: bool, resident: set[int]):
+        super().__init__()
+        self.fused, self.resident, self.moved = fused, resident, {}
+
+    def _to_meta(self, t: Any) -> Any:
+        if not isinstance(t, Tensor) or t.is_meta or not t.dim():  # a CPU scalar mixes with meta tensors
+            return t
+        if _key(t) not in self.moved:
+            self.moved[_key(t)] = copy = t.to(META)
+            self.resident.add(_key(copy))
+        return self.moved[_key(t)]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
+        if _mixes_devices(args, kwargs):
+            args, kwargs = tree_map(self._to_meta, (args, kwargs))
+        if not self.fused or func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         q, k, v = args[:3]
+        mask, causal = kwargs.get("attn_mask"), kwargs.get("is_causal", False)
+        if v.shape[-1] != q.shape[-1]:
+            bias = None if mask is None else mask.expand(*q.shape[:-1], k.shape[-2])
+            return torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, bias, True, kwargs.get("dropout_p", 0.0), causal, scale=kwargs.get("scale"))[0]
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False),
-            attn_mask=kwargs.get("attn_mask"), scale=kwargs.get("scale"))[0]
+            q, k, v, kwargs.get("dropout_p", 0.0), causal, attn_mask=mask, scale=kwargs.get("scale"))[0]
+
+
+def _mixes_devices(args: tuple, kwargs: dict) -> bool:
+    """Whether a call's tensors (arguments, and the items of list or tuple arguments) mix meta tensors with real
+    tensors of one or more dimensions. Runs on every torch call of the trace, so without pytree."""
+    meta = real = False
+    for a in (*args, *kwargs.values()):
+        for t in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(t, Tensor):
+                if t.is_meta:
+                    meta = True
+                elif t.dim():
+                    real = True
+    return meta and real
 
 
 def _key(t: Tensor) -> int:
@@ -123,8 +160,7 @@ def trace_activations(model: nn.Module, bank: AdapterBank, batch: int, seq: int,
     mask = torch.ones(batch, 1, seq, seq, dtype=torch.bool, device=META)  # 4-D: HF reads no values of it
     positions = torch.arange(seq, device=META).expand(batch, seq)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                (nullcontext() if attention == "eager" else _FusedAttention()):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _MetaTrace(attention != "eager", resident):
             model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
     finally:
         for handle in handles:

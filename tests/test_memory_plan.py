@@ -111,3 +111,64 @@ def test_4bit_moe_plan_keeps_experts_in_bf16_and_says_so():
     assert plan_of(*flags)["base_bytes"] - plan_of(*flags, "--quantize", "4bit")["base_bytes"] == saved
     text = dry_run(parse_config(["--dry-run", *flags, "--quantize", "4bit"]))
     assert "--quantize 4bit: the 96 adapted expert tensors (28,991,029,248 params) stay in torch.bfloat16" in text
+
+
+def _plan_both_engines(model: str, world: int) -> tuple[str, dict, dict]:
+    """The dry-run header and rank 0's plan under FSDP2 and ZeRO-3 for `model` on `world` ranks, traced once."""
+    from dataclasses import replace
+
+    from bilora_dist.planning import build_run_plan
+    from bilora_dist.trainer import describe_layers
+
+    run = build_run_plan(parse_config(["--dry-run", "--model", model, "--bf16", "--plan-ranks", str(world),
+                                       "--engine", "fsdp"]), world)
+    header = f"{sum(p.numel() for p in run.model.parameters()):,} base params, {describe_layers(run.shapes)}"
+    return header, run.ranks(())[0].as_dict(), replace(run, kind="zero3").ranks(())[0].as_dict()
+
+
+def test_deepseek_v3_plan_on_64_ranks_by_hand():
+    """DeepSeek-V3's shape (MLA attention, 3 dense layers then 58 MoE layers of 256 routed experts and a shared
+    one; bf16, no FP8), Bi-LoRA 8 + 8 on all-linear, 64 ranks: parameters, adapters and shards counted from
+    the config, and the trace runs through MLA (v's head dimension 128, q's and k's 192) and the router's buffer."""
+    vocab, hidden, dense_ffn, expert_ffn, layers, experts = 129280, 7168, 18432, 2048, 61, 256
+    heads, q_rank, kv_rank, nope, rope, v_dim = 128, 1536, 512, 128, 64, 128
+    mla = {"q_a_proj": (hidden, q_rank), "q_b_proj": (q_rank, heads * (nope + rope)),
+           "kv_a_proj_with_mqa": (hidden, kv_rank + rope), "kv_b_proj": (kv_rank, heads * (nope + v_dim)),
+           "o_proj": (heads * v_dim, hidden)}
+    attention = sum(i * o for i, o in mla.values()) + q_rank + kv_rank  # + the q_a and kv_a RMSNorms
+    moe = experts * 3 * hidden * expert_ffn + 3 * hidden * expert_ffn + experts * hidden  # routed, shared, router
+    total = 2 * vocab * hidden + hidden + layers * (attention + 2 * hidden) + 3 * 3 * hidden * dense_ffn \
+        + (layers - 3) * moe
+    assert total == 671_026_404_352  # DeepSeek-V3's 671B, its MTP module aside
+
+    header, fsdp, zero3 = _plan_both_engines("benchmarks/model_configs/deepseek-v3", 64)
+    assert header.startswith(f"{total:,} base params, 488 adapted layers (305 attention, 183 dense), "
+                             "116 expert tensors (x 256 experts)")
+    attention_adapters = sum(i + o for i, o in mla.values())  # r (in + out) a linear layer, r (in + out) an expert
+    dense = 3 * 3 * (hidden + dense_ffn)  # gate, up and down of the 3 dense layers' MLPs
+    routed = experts * ((hidden + 2 * expert_ffn) + (expert_ffn + hidden))  # gate_up_proj, down_proj
+    shared = 3 * (hidden + expert_ffn)
+    assert fsdp["adapter_bytes"] == 16 * (layers * attention_adapters + dense + (layers - 3) * (routed + shared)) * 4
+    for plan in (fsdp, zero3):
+        assert plan["base_bytes"] == pytest.approx(total * 2 / 64, rel=0.01)
+        assert plan["adapter_bytes"] == fsdp["adapter_bytes"] and plan["activation_bytes"] == fsdp["activation_bytes"]
+    # FSDP2 gathers one MoE block whole: bf16, but the router's weight, which transformers keeps in fp32
+    assert fsdp["gathered_block_bytes"] == (attention + 2 * hidden + moe) * 2 + experts * hidden * 2
+
+
+def test_qwen3_235b_plan_on_16_ranks_by_hand():
+    """Qwen3-235B-A22B's shape (94 layers of 128 experts, top-8), Bi-LoRA 8 + 8, 16 ranks, ZeRO-3 and FSDP2."""
+    vocab, hidden, expert_ffn, layers, experts, q_dim, kv_dim = 151936, 4096, 1536, 94, 128, 64 * 128, 4 * 128
+    per_layer = (2 * hidden * q_dim + 2 * hidden * kv_dim + 2 * 128 + 2 * hidden + experts * hidden
+                 + experts * 3 * hidden * expert_ffn)  # q, o, k, v, q/k norms, layer norms, router, experts
+    total = 2 * vocab * hidden + hidden + layers * per_layer
+    header, fsdp, zero3 = _plan_both_engines("benchmarks/model_configs/qwen3-235b-a22b", 16)
+    assert header.startswith(f"{total:,} base params, 376 adapted layers (376 attention, 0 dense), "
+                             "188 expert tensors (x 128 experts)")
+    attention = (hidden + q_dim) + 2 * (hidden + kv_dim) + (q_dim + hidden)
+    routed = experts * (hidden + 2 * expert_ffn) + experts * (expert_ffn + hidden)
+    assert fsdp["adapter_bytes"] == zero3["adapter_bytes"] == 16 * layers * (attention + routed) * 4
+    for plan in (fsdp, zero3):
+        assert plan["base_bytes"] == pytest.approx(total * 2 / 16, rel=0.01)
+    assert fsdp["activation_bytes"] == zero3["activation_bytes"]
+    assert fsdp["gathered_block_bytes"] == per_layer * 2  # one block, bf16 (Qwen3-MoE's router is a bf16 linear)
