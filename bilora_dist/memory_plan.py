@@ -7,7 +7,8 @@ adapters with their gradient bucket and AdamW moments, the activations one micro
 backward (activations.py), and transiently the largest block gathered for a forward or backward
 (under ZeRO-3 at least twice the largest module's own partitioned parameters: zero3_fetch_bytes),
 the output head's loss, the block recomputed under gradient checkpointing, and under 4-bit the
-dequantised weight of the largest quantised linear.
+dequantised weight of the largest quantised linear. Under ZeRO-3 also the parameters DeepSpeed's reuse distance
+keeps gathered from forward into backward (zero3_retention) and one prefetch bucket's flat buffer.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from bilora_dist.modeling import NF4_BLOCK, NF4_NESTED_BLOCK, quantized_linears,
 
 ADAPTER_BYTES = 4  # adapters, their gradients and optimizer moments are fp32 whatever the base dtype
 DEFAULT_PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's stage3_param_persistence_threshold default
+DEFAULT_REUSE_DISTANCE = 1_000_000_000  # DeepSpeed's stage3_max_reuse_distance default
+DEFAULT_PREFETCH_BUCKET = 50_000_000  # DeepSpeed's stage3_prefetch_bucket_size default
+DEFAULT_MAX_LIVE = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters default
 
 
 def nf4_bytes(numel: int) -> tuple[int, int]:
@@ -72,6 +76,9 @@ class RankPlan:
     recompute_bytes: int = 0
     loss_peak_bytes: int = 0
     dequant_bytes: int = 0
+    retained_bytes: int = 0  # ZeRO-3: gathered parameters its reuse distance keeps from forward into backward
+    retained_fetch_bytes: int = 0  # ZeRO-3: the most gathered at once in forward, those kept and one fetch
+    prefetch_bytes: int = 0  # ZeRO-3: the flat all-gather buffer of one prefetch bucket
 
     @property
     def resident_bytes(self) -> int:
@@ -90,10 +97,16 @@ class RankPlan:
         (its peak), and stay mostly alive while the first blocks are gathered again and, under gradient
         checkpointing, recomputed: those three overlap the activations but not each other. A dequantised
         4-bit weight exists only inside one matmul, during a gathered block's or a recomputed block's
-        pass. Gradients of the hidden states (one micro-batch x hidden) are inside the loss peak."""
-        return self.resident_bytes + self.activation_bytes + max(
-            self.loss_peak_bytes, self.gathered_block_bytes + self.dequant_bytes,
-            self.recompute_bytes + self.dequant_bytes)
+        pass. Gradients of the hidden states (one micro-batch x hidden) are inside the loss peak.
+
+        Under ZeRO-3 the parameters its reuse distance keeps gathered (zero3_retention) are alive with the loss
+        and the first recomputed block, and with each later fetch of forward (retained_fetch_bytes, in place of
+        the gathered block where larger); backward releases them before it gathers anything else. A prefetch
+        bucket's flat buffer may be alive at any time."""
+        return self.resident_bytes + self.activation_bytes + self.prefetch_bytes + max(
+            self.loss_peak_bytes + self.retained_bytes,
+            max(self.gathered_block_bytes, self.retained_fetch_bytes) + self.dequant_bytes,
+            self.recompute_bytes + self.dequant_bytes + self.retained_bytes)
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "total_bytes": self.total_bytes, "peak_bytes": self.peak_bytes}
@@ -145,6 +158,58 @@ def zero3_fetch_bytes(model: nn.Module, persistence_threshold: int = DEFAULT_PER
     return most
 
 
+def zero3_trace(model: nn.Module) -> tuple[list[list[nn.Parameter]], int]:
+    """DeepSpeed's module trace of one step as each traced module's own parameters (modules without any left
+    out: they add nothing to a reuse distance), and how many of them are the forward pass. Forward: the modules
+    in registration order (HF registers a block's large linears in call order; a norm or router may sit
+    elsewhere). Backward: the same in reverse, less the input embedding (frozen, fed token ids) and the output
+    head (the chunked loss detaches its input): their outputs need no gradient, so DeepSpeed's pre-backward
+    hook never fires for them."""
+    forward = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
+    skip = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    backward = [m for m in reversed(forward) if id(m) not in skip]
+    return [list(m.parameters(recurse=False)) for m in forward + backward], len(forward)
+
+
+def zero3_retention(model: nn.Module, reuse_distance: int = DEFAULT_REUSE_DISTANCE,
+                    persistence_threshold: int = DEFAULT_PERSISTENCE_THRESHOLD) -> tuple[int, int, int]:
+    """(bytes gathered at the end of forward, the most gathered at once during forward, their numel at the end)
+    under DeepSpeed 0.19's reuse distance, once its module trace is recorded (from the second step).
+
+    After module s of the trace runs, PartitionedParameterCoordinator.__params_to_release keeps each of its
+    partitioned parameters that a module of the trace after s uses, scanning modules s+1, s+2, ... while the
+    elements of all parameters of the modules scanned before (persistent ones and repeats included) number
+    fewer than `reuse_distance`; the others it releases. A forward parameter's next use is its module's
+    backward, about twice the parameters that follow it later: the last modules of forward stay gathered.
+    A module's fetch gathers those of its partitioned parameters not already gathered (two or more: flat
+    buffer and copies, as zero3_fetch_bytes)."""
+    trace, n_forward = zero3_trace(model)
+    # cumulative elements before each trace position, and each position's next use of each parameter
+    before = [0]
+    for params in trace:
+        before.append(before[-1] + sum(p.numel() for p in params))
+    next_use: list[dict[int, int]] = [{} for _ in trace]
+    seen: dict[int, int] = {}
+    for s in range(len(trace) - 1, -1, -1):
+        next_use[s] = {id(p): seen[id(p)] for p in trace[s] if id(p) in seen}
+        for p in trace[s]:
+            seen[id(p)] = s
+    gathered: dict[int, nn.Parameter] = {}
+    most = 0
+    for s in range(n_forward):
+        fetch = [p for p in trace[s] if p.numel() > persistence_threshold and id(p) not in gathered]
+        fetch_bytes = sum(p.numel() * p.element_size() for p in fetch)
+        held = sum(p.numel() * p.element_size() for p in gathered.values())
+        most = max(most, held + (2 * fetch_bytes if len(fetch) > 1 else fetch_bytes))
+        gathered.update((id(p), p) for p in fetch)
+        for p in trace[s]:
+            j = next_use[s].get(id(p))
+            if j is None or before[j] - before[s + 1] >= reuse_distance:  # module j is beyond the scan
+                gathered.pop(id(p), None)
+    return (sum(p.numel() * p.element_size() for p in gathered.values()), most,
+            sum(p.numel() for p in gathered.values()))
+
+
 def largest_gathered_block_bytes(model: nn.Module, engine: str, quantized: Collection[int] = (),
                                  persistence_threshold: int = DEFAULT_PERSISTENCE_THRESHOLD) -> int:
     """The largest unit whose full weights a sharding engine materialises at once (0 when nothing is sharded);
@@ -166,25 +231,48 @@ def micro_batch_transients(model: nn.Module, trace: ActivationTrace, tokens: int
     return Transients(trace.activations(recomputed), trace.recompute(recomputed), loss, dequant if quantize else 0)
 
 
+def zero3_prefetch_bytes(model: nn.Module, prefetch_bucket: int = DEFAULT_PREFETCH_BUCKET,
+                         max_live: int = DEFAULT_MAX_LIVE, retained_numel: int = 0,
+                         persistence_threshold: int = DEFAULT_PERSISTENCE_THRESHOLD) -> int:
+    """The flat buffer of one ZeRO-3 prefetch bucket: up to `prefetch_bucket` elements of partitioned parameters,
+    and no more than `max_live` less those gathered (the only use DeepSpeed 0.19 makes of max_live_parameters).
+    The bucket is all-gathered as one flat tensor that lives until the last parameter in it is fetched for its
+    module (every in-flight parameter's registry entry holds the handle); its copies are what later modules
+    gather. In the largest element size of the partitioned parameters."""
+    partitioned = [p for p in model.parameters() if p.numel() > persistence_threshold]
+    numel = max(0, min(prefetch_bucket, max_live - retained_numel, sum(p.numel() for p in partitioned)))
+    return numel * max((p.element_size() for p in partitioned), default=0)
+
+
 def plan_memory(model: nn.Module, adapter_numel: int, engine: str, world: int,
                 persistence_threshold: int = DEFAULT_PERSISTENCE_THRESHOLD, quantize: bool = False,
-                transients: Transients = Transients()) -> list[RankPlan]:
+                transients: Transients = Transients(), reuse_distance: int = DEFAULT_REUSE_DISTANCE,
+                prefetch_bucket: int = DEFAULT_PREFETCH_BUCKET, max_live: int = DEFAULT_MAX_LIVE) -> list[RankPlan]:
     """One RankPlan per rank; `engine` is single, replicated (ZeRO-1/2, plain data parallel), zero3 or fsdp;
-    `quantize`: the linear weights in NF4 (quantized_weights)."""
+    `quantize`: the linear weights in NF4 (quantized_weights). Under ZeRO-3, DeepSpeed's reuse distance,
+    prefetch bucket and max live parameters (stage3_max_reuse_distance, stage3_prefetch_bucket_size,
+    stage3_max_live_parameters) size what stays gathered (zero3_retention) and the prefetch buffer."""
     quantized = quantized_weights(model) if quantize else {}
     adapters = adapter_numel * ADAPTER_BYTES
     block = largest_gathered_block_bytes(model, engine, quantized, persistence_threshold)
+    retained = forward_most = prefetch = 0
+    if engine == "zero3":
+        retained, forward_most, retained_numel = zero3_retention(model, reuse_distance, persistence_threshold)
+        prefetch = zero3_prefetch_bytes(model, prefetch_bucket, max_live, retained_numel, persistence_threshold)
     return [RankPlan(rank, base_bytes_on_rank(model, engine, world, rank, persistence_threshold, quantized),
-                     adapters, adapters, 2 * adapters, block, **asdict(transients)) for rank in range(world)]
+                     adapters, adapters, 2 * adapters, block, **asdict(transients), retained_bytes=retained,
+                     retained_fetch_bytes=forward_most, prefetch_bytes=prefetch) for rank in range(world)]
 
 
 def format_plan(plans: list[RankPlan], header: str) -> str:
     """A table, one row per rank, in GiB."""
     gib = 1024 ** 3
     cols = ("base_bytes", "adapter_bytes", "adapter_grad_bytes", "optimizer_bytes", "gathered_block_bytes",
-            "total_bytes", "activation_bytes", "recompute_bytes", "loss_peak_bytes", "dequant_bytes", "peak_bytes")
+            "total_bytes", "activation_bytes", "recompute_bytes", "loss_peak_bytes", "dequant_bytes", "retained_bytes",
+            "retained_fetch_bytes", "prefetch_bytes", "peak_bytes")
     names = ("base shard", "adapters", "adapter grads", "AdamW state", "gathered block", "total", "activations",
-             "recompute", "loss peak", "dequantised", "peak")
+             "recompute", "loss peak", "dequantised", "kept gathered",
+             "kept + fetch", "prefetch", "peak")
     lines = [header, "rank " + "".join(f"{n:>16}" for n in names)]
     for p in plans:
         d = p.as_dict()

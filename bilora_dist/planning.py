@@ -15,7 +15,8 @@ from bilora_dist.adapters.inject import check_rank
 from bilora_dist.config import TrainConfig
 from bilora_dist.engines import check_quantized_zero, resolve_engine_name
 from bilora_dist.errors import UserError
-from bilora_dist.memory_plan import DEFAULT_PERSISTENCE_THRESHOLD, RankPlan, micro_batch_transients, plan_memory
+from bilora_dist.memory_plan import (DEFAULT_MAX_LIVE, DEFAULT_PERSISTENCE_THRESHOLD, DEFAULT_PREFETCH_BUCKET,
+                                     DEFAULT_REUSE_DISTANCE, RankPlan, micro_batch_transients, plan_memory)
 from bilora_dist.modeling import LoadOptions, build_on_meta, resolve_model
 
 
@@ -31,6 +32,9 @@ class RunPlan:
     persistence_threshold: int
     adapter_numel: int
     trace: ActivationTrace
+    reuse_distance: int = DEFAULT_REUSE_DISTANCE  # ZeRO-3's max_reuse_distance, prefetch_bucket_size and
+    prefetch_bucket: int = DEFAULT_PREFETCH_BUCKET  # max_live_parameters, as the ds_config resolves them
+    max_live: int = DEFAULT_MAX_LIVE
 
     @property
     def blocks(self) -> int:
@@ -42,7 +46,8 @@ class RunPlan:
         transients = micro_batch_transients(self.model, self.trace, cfg.micro_batch_size * cfg.seq_len, recomputed,
                                             cfg.loss_chunk, cfg.quantize == "4bit")
         return plan_memory(self.model, self.adapter_numel, self.kind, self.world, self.persistence_threshold,
-                           cfg.quantize == "4bit", transients)
+                           cfg.quantize == "4bit", transients, self.reuse_distance, self.prefetch_bucket,
+                           self.max_live)
 
     def peak_bytes(self, recomputed: Collection[int]) -> int:
         return max(p.peak_bytes for p in self.ranks(recomputed))
@@ -70,4 +75,7 @@ def build_run_plan(cfg: TrainConfig, world: int) -> RunPlan:
     trace = trace_activations(model, bank, cfg.micro_batch_size, cfg.seq_len, cfg.attn_implementation)
     return RunPlan(cfg, model, shapes, kind, world, zero.get("param_persistence_threshold",
                                                               DEFAULT_PERSISTENCE_THRESHOLD),
-                   sum(s.numel(cfg.rank + (aux_rank or 0)) for s in shapes), trace)
+                   sum(s.numel(cfg.rank + (aux_rank or 0)) for s in shapes), trace,
+                   zero.get("max_reuse_distance", DEFAULT_REUSE_DISTANCE),
+                   zero.get("prefetch_bucket_size", DEFAULT_PREFETCH_BUCKET),
+                   zero.get("max_live_parameters", DEFAULT_MAX_LIVE))

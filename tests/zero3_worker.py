@@ -1,5 +1,6 @@
 """Under the deepspeed launcher (2 ranks): ZeRO-3 with a ds_config, and what a gathered parameter leaves behind.
-Usage: zero3_worker.py DS_CONFIG OUT [--measure MODEL_DIR] MODEL_DIR...; writes OUT/rank{R}.json.
+Usage: zero3_worker.py DS_CONFIG OUT [--measure MODEL_DIR [--also DS_CONFIG]...] MODEL_DIR...; writes
+OUT/rank{R}.json.
 
 For each MODEL_DIR the engine builds the model (under deepspeed.zero.Init, as the trainer does), a Bi-LoRA bank
 with nonzero factors is injected with the chunked loss, the engine wraps it, and STEPS forward + backward passes
@@ -12,7 +13,10 @@ detached alias), which keeps the gathered storage alive after DeepSpeed released
 alive after the module's forward and at the end of the forward pass, by parameter, in bytes.
 
 With --measure, MODEL_DIR's step is also measured as tests/memory_worker.py measures a one-process step (two
-warm-up steps, then one under torch.profiler: peak bytes above the state before it, plus the resident state).
+warm-up steps, then one under torch.profiler: peak bytes above the state before it, plus the resident state),
+and again under each --also DS_CONFIG (an engine of its own, in the same processes); each measured step also
+records the partitioned parameters still gathered when its forward pass and loss have run (DeepSpeed's reuse
+distance keeps them from the second step on, once its module trace is recorded).
 """
 
 import json
@@ -138,6 +142,8 @@ def settled_allgathers() -> None:
     the buffer is freed there, and torch.profiler, which records this thread's allocations only, never sees the
     free (two runs of the same step differed by one or two experts modules' size)."""
     gather = partition_parameters._dist_allgather_fn
+    if getattr(gather, "settles", False):  # a second measured engine in this process
+        return
 
     def gather_and_settle(*args, **kwargs):
         work = gather(*args, **kwargs)
@@ -145,6 +151,7 @@ def settled_allgathers() -> None:
         time.sleep(0.002)
         return work
 
+    gather_and_settle.settles = True
     partition_parameters._dist_allgather_fn = gather_and_settle
 
 
@@ -154,13 +161,16 @@ def measure(engine, model_dir: str) -> dict:
     bucket = bank.bind_grad_bucket()
     optimizer = build_optimizer(bank, 1e-3, 0.0)
     batch = random_batch(model.config.vocab_size, BATCH, SEQ)
-    kept = []
+    kept, gathered = [], []
+    params = list(model.parameters())
 
     def step() -> None:
         watch = SavedOnGathered(model)
         with torch.autograd.graph.saved_tensors_hooks(watch.pack, lambda t: t):
             loss, _ = token_loss_sum(model, batch)
         kept.append(sum(watch.alive().values()))
+        gathered.append(sum(p.ds_numel * p.element_size() for p in params
+                            if p.ds_status == ZeroParamStatus.AVAILABLE and not p.ds_persist))
         with record_function(MARK):
             pass
         loss.backward()
@@ -168,7 +178,6 @@ def measure(engine, model_dir: str) -> dict:
         bucket.zero_()
 
     step(), step()  # AdamW's state; DeepSpeed's module trace
-    params = list(model.parameters())
     resident = resident_bytes(*(p.ds_tensor for p in params), *model.buffers(), *bank.parameters(), bucket.flat,
                               *(t for s in optimizer.state.values() for t in s.values() if t.dim()))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -178,7 +187,8 @@ def measure(engine, model_dir: str) -> dict:
     return {"resident": resident, "peak": resident + peak, "after_loss_forward": after_loss,
             "partitions": sum(p.ds_tensor.untyped_storage().nbytes() for p in params),
             "gathered_at_rest": sum(p.data.numel() * p.element_size() for p in params),
-            "kept_until_backward": kept[-1], "batch": BATCH, "seq": SEQ, "chunk": CHUNK, "rank": RANK}
+            "kept_until_backward": kept[-1], "gathered_after_forward": gathered[-1], "batch": BATCH, "seq": SEQ,
+            "chunk": CHUNK, "rank": RANK}
 
 
 if __name__ == "__main__":
@@ -186,10 +196,15 @@ if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     ds_config, out, *rest = args
     to_measure = rest[rest.index("--measure") + 1] if "--measure" in rest else None
-    model_dirs = [d for i, d in enumerate(rest) if d != "--measure" and (i == 0 or rest[i - 1] != "--measure")]
+    flags = ("--measure", "--also")
+    also = [d for i, d in enumerate(rest) if i and rest[i - 1] == "--also"]
+    model_dirs = [d for i, d in enumerate(rest) if d not in flags and (i == 0 or rest[i - 1] not in flags)]
     engine = make_engine(parse_config(["--engine", "deepspeed", "--ds_config", ds_config]))
     result = {"release": {Path(d).name: release_report(engine, d) for d in model_dirs}}
     if to_measure:
         result["measured"] = measure(engine, to_measure)
+        result["measured_under"] = {
+            config: measure(make_engine(parse_config(["--engine", "deepspeed", "--ds_config", config])), to_measure)
+            for config in also}
     Path(out, f"rank{engine.rank}.json").write_text(json.dumps(result))
     engine.close()
