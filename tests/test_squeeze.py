@@ -56,6 +56,40 @@ def test_factored_path_equals_dense_truncated_svd(deficient):
             assert float((approx - truncated(M, k)).norm() / truncated(M, k).norm()) < 1e-6
 
 
+def test_factored_svd_splits_the_batch_over_threads_each_matrix_single_threaded(monkeypatch):
+    """Issue 31: LAPACK's threaded QR of a tall, thin factor is slower than one thread and stalls when another
+    process holds a core; the batch goes to the threads in shares, each factorised on one thread, so the result
+    is the one-thread result bit for bit and the thread count is restored."""
+    gen = torch.Generator().manual_seed(4)
+    A, B = torch.randn(6, 8, 40, generator=gen), torch.randn(6, 48, 8, generator=gen)
+    scales = torch.linspace(0.5, 2.0, 6)
+    calls, geqrf = [], torch.geqrf
+    monkeypatch.setattr(torch, "geqrf", lambda x: (calls.append((torch.get_num_threads(), x.shape[0])), geqrf(x))[1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = factored_svd(A, B, scales, k=3)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        one = factored_svd(A, B, scales, k=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(calls[:4]) == [(1, 3)] * 4 and calls[4:] == [(1, 6)] * 2  # 2 shares of 3, then the whole batch
+    for got, want in zip((two.U, two.S, two.V), (one.U, one.S, one.V)):
+        assert torch.equal(got, want)
+
+
+def test_squeeze_branch_builds_the_new_factors_once_per_shape_group(monkeypatch):
+    """Issue 31: the new factors of a group of equal-shape layers come from one batched call, not one per layer."""
+    import bilora_dist.squeeze.branch as squeeze_module
+
+    calls, balanced = [], squeeze_module.balanced_factors
+    monkeypatch.setattr(squeeze_module, "balanced_factors", lambda *a: (calls.append(a[1].shape), balanced(*a))[1])
+    branch = random_branch()
+    new, _ = squeeze_branch(branch, 3)
+    assert len(calls) == len(list(branch.groups())) == 6 and new.ranks == [3] * 12  # 12 layers, 6 shapes
+
+
 def test_squeeze_branch_reproduces_truncated_dense_delta_and_keeps_scale():
     gen = torch.Generator().manual_seed(1)
     shapes = [LayerShape(f"l{i}", 40, 48 if i % 2 else 32) for i in range(4)]

@@ -21,7 +21,7 @@ import torch
 from bilora_dist.adapters.bank import Branch
 from bilora_dist.engines.base import Engine
 from bilora_dist.errors import UserError
-from bilora_dist.squeeze.operator import balanced_factors, energy_rank, factored_svd
+from bilora_dist.squeeze.operator import Spectrum, balanced_factors, energy_rank, factored_svd
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def squeeze_branch(branch: Branch, rank: int, energy: float | None = None, engin
         raise UserError(f"squeeze: target rank {rank} must be between 1 and the current rank {max(branch.ranks)}")
     owner = assign_layers(branch, engine.world_size)
     width = max(branch.ranks)
-    spectra: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    found_groups: list[tuple[list[int], int, Spectrum]] = []  # (this rank's layers, copies, their spectra)
     singular = torch.zeros(len(branch.shapes), width, dtype=torch.float32, device=branch.flat.device)
     with torch.no_grad():
         for group in branch.groups():
@@ -70,10 +70,11 @@ def squeeze_branch(branch: Branch, rank: int, energy: float | None = None, engin
             c = group.copies
             pick = slice(None) if len(mine) == len(group.layers) else [j * c + e for j in mine for e in range(c)]
             found = factored_svd(group.A[pick], group.B[pick], group.scales[pick], k=rank)
-            for row, j in enumerate(mine):
-                layer, rows = group.layers[j], slice(row * c, (row + 1) * c)
-                spectra[layer] = (found.U[rows], found.S[rows], found.V[rows])
-                singular[layer, :found.S.shape[1]] = found.S[rows].float().square().sum(0).sqrt()
+            layers = [group.layers[j] for j in mine]
+            S = found.S.float()
+            # a fused projection's energy per rank position, summed over its experts (one rank per tensor)
+            singular[layers, :S.shape[1]] = S if c == 1 else S.square().view(len(layers), c, -1).sum(1).sqrt()
+            found_groups.append((layers, c, found))
         engine.all_reduce_sum_(singular)
         caps = [min(rank, r) for r in branch.ranks]
         if energy is None:
@@ -84,12 +85,16 @@ def squeeze_branch(branch: Branch, rank: int, energy: float | None = None, engin
         new = Branch(branch.shapes, new_ranks, scales,
                      torch.zeros(sum(s.numel(k) for s, k in zip(branch.shapes, new_ranks)),
                                  dtype=branch.flat.dtype, device=branch.flat.device))
-        for layer, (U, S, V) in spectra.items():
-            k = new_ranks[layer]
-            pairs = [balanced_factors(U[e, :, :k], S[e, :k], V[e, :, :k], scales[layer]) for e in range(len(S))]
-            dst_A, dst_B = new.factors(layer)
-            dst_A.copy_(torch.stack([A for A, _ in pairs]).view_as(dst_A))
-            dst_B.copy_(torch.stack([B for _, B in pairs]).view_as(dst_B))
+        for layers, c, found in found_groups:  # the new factors of a whole group at once, then one copy per layer
+            top = max(new_ranks[layer] for layer in layers)
+            row_scales = torch.tensor([scales[layer] for layer in layers], dtype=found.S.dtype,
+                                      device=found.S.device).repeat_interleave(c)
+            A, B = balanced_factors(found.U[..., :top], found.S[:, :top], found.V[..., :top], row_scales)
+            for row, layer in enumerate(layers):
+                k, rows = new_ranks[layer], slice(row * c, (row + 1) * c)
+                dst_A, dst_B = new.factors(layer)
+                dst_A.copy_(A[rows, :k].view_as(dst_A))
+                dst_B.copy_(B[rows, :, :k].view_as(dst_B))
         engine.all_reduce_sum_(new.flat.data)
     total = singular.square().sum(1)
     kept = [singular[i, :k].square().sum() / total[i] if total[i] > 0 else torch.tensor(1.0)
