@@ -17,8 +17,9 @@ Methods, all rank 8 with AdamW on the same random token batches:
 - `lora` / `bilora`: ours on the same layers as PEFT (bilora: + a rank-8 auxiliary).
 
 Each (round, shape, method) is a fresh worker process (one thread on the CPU; peak RSS per worker, and on CUDA the
-peak allocated memory); rounds interleave the methods. Reports the median wall time per step after a warm-up,
-tokens per second and the ratios the targets are stated in.
+peak allocated memory); rounds interleave the methods. Reports the median wall and process-CPU time per step after a
+warm-up, tokens per second and the ratios the targets are stated in (CPU-time ratios are the steadier where other
+work shares the cores).
 """
 
 from __future__ import annotations
@@ -119,16 +120,17 @@ def worker(args: argparse.Namespace) -> None:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu_times = [], []
     for b in batches[1:]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step([b])
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     base = 0 if cuda else baseline * 1024
-    print(json.dumps({"times": times, "peak_mb": peak / 2**20, "train_extra_mb": (peak - base) / 2**20,
+    print(json.dumps({"times": times, "cpu_times": cpu_times, "peak_mb": peak / 2**20, "train_extra_mb": (peak - base) / 2**20,
                       "tokens_per_s": args.micro_batch_size * args.seq_len / statistics.median(times)}))
 
 
@@ -136,14 +138,18 @@ def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, dic
     out = {}
     for shape, by_method in runs.items():
         s = {m: {"step_s": statistics.median(t for run in rs for t in run["times"]),
+                 "cpu_s": statistics.median(t for run in rs for t in run["cpu_times"]),
                  "peak_mb": max(run["peak_mb"] for run in rs),
                  "tokens_per_s": statistics.median(run["tokens_per_s"] for run in rs),
                  "train_extra_mb": max(run["train_extra_mb"] for run in rs)} for m, rs in by_method.items()}
         for m in s:
             s[m]["vs_floor"] = s[m]["step_s"] / s["floor"]["step_s"]
             s[m]["vs_peft"] = s[m]["step_s"] / s["peft"]["step_s"]
+            s[m]["cpu_vs_floor"] = s[m]["cpu_s"] / s["floor"]["cpu_s"]
+            s[m]["cpu_vs_peft"] = s[m]["cpu_s"] / s["peft"]["cpu_s"]
             s[m]["peak_vs_peft"] = s[m]["peak_mb"] / s["peft"]["peak_mb"]
         s["bilora"]["vs_lora"] = s["bilora"]["step_s"] / s["lora"]["step_s"]
+        s["bilora"]["cpu_vs_lora"] = s["bilora"]["cpu_s"] / s["lora"]["cpu_s"]
         out[shape] = s
     return out
 
@@ -179,14 +185,16 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"config": vars(args), "summary": summary, "runs": runs}, indent=2))
     memory = "peak allocated (MB)" if args.device == "cuda" else "peak RSS (MB)"
-    print(f"| shape | method | step (s) | tokens/s | / floor | / PEFT | {memory} | peak / PEFT |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| shape | method | step (s) | tokens/s | / floor | / PEFT | CPU (s) | CPU / floor | CPU / PEFT | {memory} "
+          "| peak / PEFT |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for shape, s in summary.items():
         for method, row in s.items():
             print(f"| {shape} | {method} | {row['step_s']:.3f} | {row['tokens_per_s']:.0f} | {row['vs_floor']:.2f} "
-                  f"| {row['vs_peft']:.2f} | {row['peak_mb']:.0f} | {row['peak_vs_peft']:.2f} |")
+                  f"| {row['vs_peft']:.2f} | {row['cpu_s']:.3f} | {row['cpu_vs_floor']:.2f} | {row['cpu_vs_peft']:.2f} "
+                  f"| {row['peak_mb']:.0f} | {row['peak_vs_peft']:.2f} |")
     for shape, s in summary.items():
-        print(f"{shape}: bilora / lora {s['bilora']['vs_lora']:.3f}")
+        print(f"{shape}: bilora / lora {s['bilora']['vs_lora']:.3f} (CPU {s['bilora']['cpu_vs_lora']:.3f})")
 
 
 if __name__ == "__main__":
