@@ -9,6 +9,11 @@ every 4-bit weight dequantised to the dtype it was quantised from, adapted or no
 one plain model without a quantization_config. An adapted fused expert projection is read as transformers
 loads it (its per-expert checkpoint tensors fused by transformers' conversion), gets W_e + s·B_e A_e for
 every expert, and is written as the one fused 3-D tensor, which `from_pretrained` loads as it is.
+
+`nf4_dtype` (export's `--merge-base nf4`, the default for an adapter trained with `--quantize 4bit`): every layer
+that `--quantize 4bit` stores in NF4 (every linear layer but the head) is first quantised as training quantised it
+(bitsandbytes NF4, 64-value blocks, double quantisation, from the weight cast to `nf4_dtype`) and dequantised, so
+the adapter is folded into dequant(NF4(W0)), the weights it was trained against (QLoRA's and PEFT's convention).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from tqdm import tqdm
 
 from bilora_dist.adapters.bank import Branch
 from bilora_dist.errors import UserError
-from bilora_dist.modeling import CheckpointSource, build_on_meta, checkpoint_sources, safetensors_index
+from bilora_dist.modeling import (NF4_BLOCK, CheckpointSource, build_on_meta, checkpoint_sources, quantized_linears,
+                                  safetensors_index)
 
 DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
                 "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
@@ -107,6 +113,19 @@ def _read_dequantized(index: dict[str, Path], key: str, state_keys: list[str], w
         return dequantize_4bit(f.get_tensor(key), state)
 
 
+def nf4_round_trip(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dequant(NF4(weight)): `weight` cast to `dtype` and quantised as `--quantize 4bit` quantises it (bitsandbytes
+    NF4, 64-value blocks, double quantisation), then dequantised by bitsandbytes (to `dtype`)."""
+    try:
+        from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+    except ImportError:
+        raise UserError("--merge-base nf4 needs bitsandbytes to quantise the base as training did; install it "
+                        "(pip install 'bilora_dist[quant]') or pass --merge-base original") from None
+    packed, state = quantize_4bit(weight.to(dtype), blocksize=NF4_BLOCK, compress_statistics=True, quant_type="nf4",
+                                  quant_storage=dtype)
+    return dequantize_4bit(packed, state)
+
+
 def _fused_sources(meta: torch.nn.Module, index: dict[str, Path], experts: dict[str, int]) -> dict[str, CheckpointSource]:
     """How each adapted fused expert projection is read, through transformers' key conversion."""
     if not experts:
@@ -128,9 +147,26 @@ def _merged_experts(meta: torch.nn.Module, name: str, source: CheckpointSource, 
     return (tensor.float() + delta).to(tensor.dtype)
 
 
-def merge_into_base(model_dir: Path, branch: Branch, out_dir: Path, shard_bytes: int) -> dict[str, int]:
+def _write_other_files(model_dir: Path, tmp: Path, untie: bool, dequantised: bool) -> None:
+    """config.json (the head untied where it was adapted, no quantization_config where every 4-bit weight was
+    written dequantised) and every non-weight file of `model_dir` (tokenizer, generation config, ...)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    if untie and config.get("tie_word_embeddings", False):
+        config["tie_word_embeddings"] = False  # the head now differs from the embedding
+    if dequantised:
+        config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    for file in model_dir.iterdir():
+        if file.is_file() and file.suffix != ".safetensors" and file.name not in (
+                "config.json", "model.safetensors.index.json"):
+            shutil.copy2(file, tmp / file.name)
+
+
+def merge_into_base(model_dir: Path, branch: Branch, out_dir: Path, shard_bytes: int,
+                    nf4_dtype: torch.dtype | None = None) -> dict[str, int]:
     """Write the merged model (weights, config, tokenizer and the other non-weight files of `model_dir`)
-    to `out_dir`, which appears complete or not at all. Returns counts for the report."""
+    to `out_dir`, which appears complete or not at all; with `nf4_dtype`, into the dequantised NF4 weights (see the
+    module's note). Returns counts for the report."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     index = safetensors_index(model_dir, f"--merged: {model_dir} holds no .safetensors weights to merge into")
     meta = build_on_meta(str(model_dir))
@@ -141,6 +177,7 @@ def merge_into_base(model_dir: Path, branch: Branch, out_dir: Path, shard_bytes:
     layers = {shape.name + ".weight": i for i, shape in enumerate(branch.shapes) if not shape.experts}
     experts = {shape.name: i for i, shape in enumerate(branch.shapes) if shape.experts}
     quantized = _quantized_weights(index)
+    round_trip = {names[m] + ".weight" for _, m in quantized_linears(meta)} if nf4_dtype is not None else set()
     state_keys = {k for keys in quantized.values() for k in keys}
     sources = {k: f for k, f in index.items() if k not in state_keys}
     # a tied head absent from the files is read from the embedding when it is adapted
@@ -164,25 +201,19 @@ def merge_into_base(model_dir: Path, branch: Branch, out_dir: Path, shard_bytes:
                     tensor = _read_dequantized(index, key, quantized[key], writer)
                 else:
                     tensor = _read(sources[key], embed_key if key == head_key and key not in index else key, writer)
+                stored = tensor.dtype
+                if key in round_trip and key not in quantized:  # a pre-quantised weight is dequantised already
+                    tensor = nf4_round_trip(tensor, nf4_dtype)
                 if key in layers:
                     A, B = branch.factors(layers[key])
                     scale = branch.scales[layers[key]]
-                    tensor = (tensor.float() + scale * (B.float() @ A.float())).to(tensor.dtype)
-                writer.add(key, tensor)
+                    tensor = tensor.float() + scale * (B.float() @ A.float())
+                writer.add(key, tensor.to(stored))
                 del tensor
             for name, source in tqdm(fused.items(), desc="merge experts", unit="tensor", dynamic_ncols=True):
                 writer.add(name, _merged_experts(meta, name, source, branch, experts[name], writer))
         total = writer.close()
-        config = json.loads((model_dir / "config.json").read_text())
-        if head_key in layers and config.get("tie_word_embeddings", False):
-            config["tie_word_embeddings"] = False  # the head now differs from the embedding
-        if quantized:
-            config.pop("quantization_config", None)  # every 4-bit weight was written dequantised
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for file in model_dir.iterdir():
-            if file.is_file() and file.suffix != ".safetensors" and file.name not in (
-                    "config.json", "model.safetensors.index.json"):
-                shutil.copy2(file, tmp / file.name)
+        _write_other_files(model_dir, tmp, untie=head_key in layers, dequantised=bool(quantized))
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

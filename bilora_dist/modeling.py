@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from huggingface_hub import constants, snapshot_download
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -37,10 +37,60 @@ def resolve_model(spec: str, flag: str = "--model") -> str:
 
 
 def load_config(path: str) -> Any:
+    """The model's config; UserError if it cannot be read, is not a causal language model, or a weight file of the
+    directory is not a readable safetensors file (corrupt or truncated)."""
     try:
-        return AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise UserError(f"--model {path}: cannot load a model config ({str(exc).splitlines()[0]})") from None
+    check_causal_lm(config, path)
+    if Path(path).is_dir():
+        check_weight_files(Path(path))
+    return config
+
+
+def check_causal_lm(config: Any, path: str) -> None:
+    """UserError unless `config` describes a causal language model: transformers must have a causal-LM class for it,
+    and a model that is a decoder only when its config says so (BERT-like, `is_decoder`) must say so. Such a model is
+    built on the meta device to see whether its self-attention is causal (GPT-NeoX keeps `is_decoder` false yet is
+    causal; BART's causal LM sets it itself)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    name = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UserError(f"--model {path}: {name} ({config.model_type}) is not a causal language model "
+                        "(transformers has no causal-LM class for it); train a decoder-only model")
+    if getattr(config, "is_decoder", True):
+        return  # no such switch (Llama, the MoE families, ...), or set
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its "add is_decoder=True" warning: the error line says it
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if getattr(model.config, "is_decoder", True):
+        return
+    bidirectional = [n for n, m in model.named_modules() if False in (getattr(m, "is_causal", None), getattr(
+        m, "is_decoder", None)) and not getattr(m, "is_cross_attention", False) and "cross" not in n.lower()]
+    if bidirectional:
+        raise UserError(f"--model {path}: {name} ({config.model_type}) is configured as a bidirectional encoder "
+                        f"(is_decoder false; {bidirectional[0]} attends both ways), not a causal language model; "
+                        "set \"is_decoder\": true in its config.json or train a decoder-only model")
+
+
+def check_weight_files(path: Path) -> None:
+    """UserError naming the first .safetensors file of directory `path` whose header cannot be read (a corrupt or
+    truncated file: safetensors checks the header and that the data it lists fits the file)."""
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"--model {path}: weight file {file.name} is corrupt or truncated "
+                            f"({str(exc).splitlines()[0]}); download or copy it again") from None
 
 
 def load_tokenizer(path: str) -> Any:
@@ -57,8 +107,12 @@ def safetensors_index(path: Path, missing: str) -> dict[str, Path]:
         raise UserError(missing)
     index = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            index.update({key: file for key in f.keys()})
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                index.update({key: file for key in f.keys()})
+        except (SafetensorError, OSError) as exc:  # a corrupt or truncated file
+            raise UserError(f"{file}: not a readable safetensors file, corrupt or truncated "
+                            f"({str(exc).splitlines()[0]})") from None
     return index
 
 

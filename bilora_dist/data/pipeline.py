@@ -5,7 +5,9 @@ saves the result in an on-disk cache; every rank then memory-maps it (Arrow), so
 Python objects. The cache key hashes everything the tokens depend on: the bytes of every file the data is read
 from, the tokenizer's full definition (vocabulary, normalisation, special tokens, chat template), the record
 format, the tokenize options, the code of this package and the library versions. An entry is written in a
-temporary directory and renamed into place, so a killed run never leaves a partial entry behind.
+temporary directory and renamed into place, so a killed run never leaves a partial entry behind. The key hashes
+the inputs, not the entry: each entry's meta.json records the SHA-256 of its files, checked whenever it is read
+(one sequential read of the entry); an entry changed on disk since is rebuilt, with one line saying so.
 """
 
 from __future__ import annotations
@@ -113,8 +115,17 @@ def _entry(spec: str, flag: str, tokenizer: Any, options: TokenizeOptions, fmt: 
     entry = root / key
     if (entry / "meta.json").is_file():
         meta = json.loads((entry / "meta.json").read_text())
-        log(f"{flag} {spec}: {meta['examples']} tokenized examples read from the cache {entry}")
-        return entry
+        if meta.get("sha256") == entry_digest(entry):
+            log(f"{flag} {spec}: {meta['examples']} tokenized examples read from the cache {entry}")
+            return entry
+        log(f"warning: {flag} {spec}: the cached tokenized examples in {entry} no longer match their checksum "
+            "(changed on disk); rebuilding them")
+        stale = root / f".stale-{key}-{uuid.uuid4().hex[:8]}"
+        try:
+            entry.rename(stale)
+        except OSError:  # another process moved it first
+            pass
+        shutil.rmtree(stale, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{key}-"))
     tmp.chmod(0o755)  # mkdtemp's 0700 would hide the entry from other users of a shared cache
@@ -125,6 +136,7 @@ def _entry(spec: str, flag: str, tokenizer: Any, options: TokenizeOptions, fmt: 
         meta = {"source": spec, "format": fmt_used, "records": n, "examples": len(ds), "seconds": seconds}
         del ds
         shutil.rmtree(tmp / "work")
+        meta["sha256"] = entry_digest(tmp)
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             tmp.rename(entry)
@@ -136,6 +148,18 @@ def _entry(spec: str, flag: str, tokenizer: Any, options: TokenizeOptions, fmt: 
     log(f"{flag} {spec}: {n} {fmt_used} records -> {meta['examples']} examples, tokenized with "
         f"{_num_workers(workers, n)} worker(s) in {seconds:.1f}s; cached in {entry}")
     return entry
+
+
+def entry_digest(entry: Path) -> str:
+    """SHA-256 of the files `save_to_disk` wrote for a cache entry (their names relative to it, and their bytes;
+    not the `cache-*` files `datasets` may add next to them when the examples are later selected or shuffled)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in (entry / "dataset").rglob("*") if p.is_file() and not p.name.startswith("cache-")):
+        h.update(str(path.relative_to(entry)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _tokenize(source: Source, flag: str, tokenizer: Any, options: TokenizeOptions, fmt: str, workers: int,

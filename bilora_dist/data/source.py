@@ -203,8 +203,8 @@ def _read_file(path: Path, flag: str, spec: str, work_dir: Path) -> datasets.Dat
                                      cache_dir=str(work_dir))
     except DatasetGenerationError as exc:
         raise UserError(f"{flag} {spec}: {_json_problem(path) or f'cannot be read ({exc.__cause__ or exc})'}") from None
-    except ValueError as exc:
-        raise UserError(f"{flag} {spec}: cannot be read ({exc})") from None
+    except ValueError as exc:  # `datasets`' own JSON pass (mixed-type fields) fails outside its wrapper
+        raise UserError(f"{flag} {spec}: {_json_problem(path) or f'cannot be read ({exc})'}") from None
 
 
 def _json_problem(path: Path) -> str | None:

@@ -57,14 +57,18 @@ class FSDPEngine(DataParallelEngine):
         them) and keep this rank's shard of it (of its NF4 bytes for a PackedLinear4bit, quantised on this
         device); a buffer the checkpoint does not hold (non-persistent ones: rotary frequencies, embedding
         scales, ...) gets its value from `buffers`, as the model computed it."""
-        tied = model.get_output_embeddings() is not None and \
-            model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if head is not None and head.weight is embed.weight:
+            # tied: named_parameters lists the shared weight once, by the embedding's name; a checkpoint may hold it
+            # under the head's name only (from_pretrained ties it from either)
+            names = {module: name for name, module in model.named_modules()}
+            embed_key, head_key = names[embed] + ".weight", names[head] + ".weight"
+            if embed_key not in sources and head_key in sources:
+                sources = {**sources, embed_key: sources[head_key]}
         packed = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, PackedLinear4bit)}
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name not in sources:
-                    if tied and param is model.get_input_embeddings().weight:
-                        continue
                     raise UserError(f"--model {path}: checkpoint has no tensor '{name}'")
                 full = sources[name].read()
                 if name in packed:

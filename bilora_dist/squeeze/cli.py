@@ -44,7 +44,10 @@ def squeeze_main(argv: list[str]) -> None:
     start = time.perf_counter()
     if args.adapter is not None:
         branch, config = read_peft_adapter(args.adapter)
-        new, reports = squeeze_branch(branch, min(args.rank, max(branch.ranks)), args.energy,
+        if args.rank > max(branch.ranks):
+            raise UserError(f"--rank {args.rank} exceeds the adapter's rank {max(branch.ranks)}; a squeeze cannot "
+                            f"raise the rank (choose --rank {max(branch.ranks)} or less)")
+        new, reports = squeeze_branch(branch, args.rank, args.energy,
                                       keep_alpha=args.alpha_policy == "keep-alpha")
         targets, base_model = config.get("target_modules") or [], config.get("base_model_name_or_path", "")
         source = {"adapter": str(args.adapter), "ranks": sorted(set(branch.ranks))}
