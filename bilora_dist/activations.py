@@ -11,7 +11,10 @@ its math fallback and save those. `eager` attention is traced as it runs. The 4-
 (batch x seq x seq booleans) is a block input, as in a padded batch.
 
 Gradient checkpointing (HF's, non-reentrant) of a set of blocks keeps those blocks' inputs instead of what
-they save; the other blocks and whatever runs outside the blocks save as without it. During backward one
+they save; the other blocks and whatever runs outside the blocks save as without it. Each adapted linear
+layer's update factors (Bi-LoRA's [A1; A2] and [s1 B1, s2 B2], LoRA's s1 B1: new tensors, as many bytes as the
+adapters) are made once per forward pass, before the first block, and held until the next pass, serving the
+recomputation too: they count as saved outside the blocks, checkpointed or not. During backward one
 recomputed block at a time holds its saved tensors again on top: the largest such block's is the recompute
 peak.
 """
@@ -30,6 +33,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from bilora_dist.adapters import inject
 from bilora_dist.adapters.bank import AdapterBank, Branch, LayerShape
+from bilora_dist.adapters.layer import LowRankUpdate
 from bilora_dist.modeling import decoder_blocks
 
 META = torch.device("meta")
@@ -153,7 +157,15 @@ def trace_activations(model: nn.Module, bank: AdapterBank, batch: int, seq: int,
             record(t)[1].add(current[0])
         return t
 
+    def hold_factors(module: nn.Module, args: Any) -> None:  # runs after inject's pre-hook has refreshed them
+        for update in updates:
+            for t in update.factors:
+                if _key(t) not in resident:
+                    record(t)[1].add(OUTSIDE)
+
     handles = inject(model, bank)
+    updates = [h for m in model.modules() for h in m._forward_hooks.values() if isinstance(h, LowRankUpdate)]
+    handles.append(model.base_model.register_forward_pre_hook(hold_factors))
     for i, block in enumerate(blocks):
         handles += [block.register_forward_pre_hook(enter(i), with_kwargs=True), block.register_forward_hook(leave)]
     ids = torch.zeros(batch, seq, dtype=torch.long, device=META)

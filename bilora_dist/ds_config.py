@@ -17,6 +17,7 @@ dict that reaches DeepSpeed: only honoured keys, no `"auto"` left.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from collections.abc import Mapping
@@ -81,6 +82,9 @@ _SCHEDULER_FIXED = {"warmup_min_lr": (0, 0), "warmup_min_ratio": (0, 0), "cos_mi
 _SHADOWS = {"max_steps": "epochs", "warmup_steps": "warmup_ratio"}
 
 
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
 def read_ds_config(path: str) -> dict[str, Any]:
     """The parsed config, every key checked: honoured, not used, or a one-line error naming it."""
     if not Path(path).is_file():
@@ -89,6 +93,9 @@ def read_ds_config(path: str) -> dict[str, Any]:
         ds = json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"--ds_config {path}: malformed JSON at line {exc.lineno} ({exc.msg})") from None
+    if not isinstance(ds, dict):
+        raise UserError(f"--ds_config {path}: expected a JSON object of DeepSpeed keys, got a JSON "
+                        f"{_JSON_KINDS.get(type(ds), type(ds).__name__)}")
     _check(path, "", ds, _TOP | _TOP_UNUSED, refused=_TOP_REFUSED)
     zero = _section(path, ds, "zero_optimization")
     _check(path, "zero_optimization", zero, _ZERO | _ZERO_UNUSED, deepspeed_names=_zero_field_names)
@@ -324,12 +331,14 @@ def _section(path: str, parent: dict[str, Any], key: str, prefix: str = "") -> d
 
 
 def _number(path: str, key: str, value: Any, integer: bool = False, minimum: float | None = None) -> Any:
-    """A JSON number (or "auto"); 1e9 written as a float counts as an integer."""
+    """A finite JSON number (or "auto"; Python's json reads NaN and Infinity); 1e9 written as a float counts as an
+    integer."""
     if value == AUTO:
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)) or (
             integer and not float(value).is_integer()) or (minimum is not None and value < minimum):
-        kind = "an integer" if integer else "a number"
+        kind = "an integer" if integer else "a finite number"
         raise UserError(f"--ds_config {path}: {key} must be {kind}{f' >= {minimum}' if minimum is not None else ''}"
                         f" or \"auto\", got {_show(value)}")
     return int(value) if integer else value

@@ -4,11 +4,13 @@ Usage: memory_worker.py MODEL_DIR CASES_JSON; prints one JSON line per case.
 A case is {"dtype", "checkpointing" (Recompute.every: 0 none, 1 all, K every K-th block), "chunk", "batch", "seq",
 "rank", "aux_rank"}. The model (random weights)
 gets a Bi-LoRA bank, the chunked head loss and, if asked, HF's non-reentrant gradient checkpointing, as the
-trainer attaches them; one step warms AdamW's state up, the next runs under torch.profiler, whose allocation
-events give the bytes alive after the loss's forward and the step's peak above what existed before it.
+trainer attaches them; one step warms AdamW's state up, the next runs under torch.profiler (one thread, no
+garbage collection during it), whose allocation events give the bytes alive after the loss's forward and the
+step's peak above what existed before it.
 Measured that way, nothing here shares code with the plan (activations.py traces meta tensors instead).
 """
 
+import gc
 import json
 import sys
 
@@ -74,8 +76,13 @@ def measure(model_dir: str, case: dict) -> dict:
     step()
     resident = resident_bytes(*model.parameters(), *model.buffers(), *bank.parameters(), bucket.flat,
                               *(t for s in optimizer.state.values() for t in s.values() if t.dim()))
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
+    gc.collect()
+    gc.disable()  # what the step frees it frees by reference counts, not when a collection happens to run
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    finally:
+        gc.enable()
     peak, after_loss = alive_curve(prof)
     return {**case, "resident": resident, "peak": resident + peak, "after_loss_forward": after_loss}
 
