@@ -39,8 +39,90 @@ from bilora_dist.export import publish_directory
 FORMAT = 1
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-# what a resume must share with the run that saved: a different value means different adapters
-IDENTITY_KEYS = ("model", "method", "rank", "alpha", "aux_rank", "aux_scale", "target_modules", "squeeze")
+
+# The resume policy of every setting (TrainConfig field), in one place; docs/RESUME.md is generated from it
+# (tests/test_resume_policy.py checks both). A resume compares each setting with the checkpoint's run:
+#   refuse  - a different value is refused with one line naming the setting and the saved value: the adapters,
+#             or the examples the saved data position counts, would not be the ones the checkpoint continues
+#   budget  - honoured (and said) while the run keeps its step count; another step count is refused (the
+#             learning-rate schedule spans the run's steps)
+#   honour  - the new value applies from the checkpoint's step on; one start-up line lists every change, and the
+#             run's train_config.yaml and later checkpoints record it
+#   ignore  - not part of the run (how this invocation is started); never compared
+REFUSE, BUDGET, HONOUR, IGNORE = "refuse", "budget", "honour", "ignore"
+RESUME_POLICY: dict[str, tuple[str, str]] = {
+    "model": (REFUSE, "the frozen base the adapters were trained on"),
+    "method": (REFUSE, "the training method and its adapter branches"),
+    "rank": (REFUSE, "the adapter's shape"),
+    "alpha": (REFUSE, "the adapter's scale"),
+    "aux_rank": (REFUSE, "Bi-LoRA: the auxiliary's shape"),
+    "aux_scale": (REFUSE, "Bi-LoRA: the auxiliary's scale"),
+    "aux_optimizer": (REFUSE, "Bi-LoRA: what the auxiliary's saved optimizer state means"),
+    "target_modules": (REFUSE, "the adapted layers"),
+    "squeeze": (REFUSE, "the rank schedule the saved ranks follow"),
+    "squeeze_min_stage": (REFUSE, "the rank schedule the saved ranks follow"),
+    "squeeze_ranks": (REFUSE, "the rank schedule the saved ranks follow"),
+    "data": (REFUSE, "the training examples (compared by the SHA-256 of the data files, not by path), which the "
+                     "saved position counts"),
+    "data_format": (REFUSE, "how records become examples"),
+    "train_on_prompt": (REFUSE, "the examples' loss masks"),
+    "last_turn_only": (REFUSE, "the examples' loss masks"),
+    "seq_len": (REFUSE, "the examples (truncation, packing) the saved position counts"),
+    "packing": (REFUSE, "the examples per row the saved position counts"),
+    "seed": (REFUSE, "the order of the examples the saved position continues"),
+    "max_steps": (BUDGET, "the step count the schedule spans"),
+    "epochs": (BUDGET, "the step count the schedule spans"),
+    "micro_batch_size": (BUDGET, "the global batch (the data position continues at the same example)"),
+    "grad_accum": (BUDGET, "the global batch (the data position continues at the same example)"),
+    "lr": (HONOUR, "the schedule continues at the saved step, scaled to the new peak"),
+    "aux_lr_scale": (HONOUR, "Bi-LoRA: the auxiliary's schedule, scaled to the new ratio"),
+    "aux_schedule": (HONOUR, "Bi-LoRA: the auxiliary's schedule from the saved step on"),
+    "scheduler": (HONOUR, "the schedule's shape from the saved step on"),
+    "warmup_ratio": (HONOUR, "the schedule's shape from the saved step on"),
+    "warmup_steps": (HONOUR, "the schedule's shape from the saved step on"),
+    "warmup_type": (HONOUR, "the schedule's shape from the saved step on"),
+    "weight_decay": (HONOUR, "AdamW's decay from the saved step on (its moments are kept)"),
+    "adam_beta1": (HONOUR, "AdamW's betas from the saved step on (its moments are kept)"),
+    "adam_beta2": (HONOUR, "AdamW's betas from the saved step on (its moments are kept)"),
+    "adam_epsilon": (HONOUR, "AdamW's epsilon from the saved step on"),
+    "max_grad_norm": (HONOUR, "gradient clipping from the saved step on"),
+    "rho": (HONOUR, "the perturbation radius from the saved step on"),
+    "aux_refresh": (HONOUR, "Bi-LoRA: auxiliary refreshes from the saved step on"),
+    "aux_diagnostics_every": (HONOUR, "diagnostics rows only"),
+    "squeeze_optimizer": (HONOUR, "how later rank changes treat the moments"),
+    "squeeze_aux": (HONOUR, "whether later rank changes squeeze the auxiliary"),
+    "eval_data": (HONOUR, "held-out evaluation only"),
+    "bf16": (HONOUR, "the frozen base's dtype from the saved step on (adapters stay fp32)"),
+    "quantize": (HONOUR, "the frozen base's storage from the saved step on"),
+    "attn_implementation": (HONOUR, "the attention kernel (same maths)"),
+    "kernels": (HONOUR, "fused kernels of the base (same maths)"),
+    "compile": (HONOUR, "compilation (same maths)"),
+    "loss_chunk": (HONOUR, "the head's loss chunking (same maths)"),
+    "gradient_checkpointing": (HONOUR, "recomputation (same maths)"),
+    "checkpoint_every": (HONOUR, "recomputation (same maths)"),
+    "memory_budget": (HONOUR, "recomputation planning"),
+    "engine": (HONOUR, "what shards the base (adapters are replicated; any world size resumes)"),
+    "ds_config": (HONOUR, "the DeepSpeed engine's settings"),
+    "replica_check_every": (HONOUR, "replica checks"),
+    "eval_every": (HONOUR, "evaluation cadence"),
+    "eval_on_start": (HONOUR, "a resumed run never evaluates before its first step"),
+    "eval_batch_size": (HONOUR, "evaluation batching (same maths)"),
+    "log_every": (HONOUR, "metrics cadence"),
+    "save_every": (HONOUR, "checkpoint cadence"),
+    "keep_last": (HONOUR, "checkpoints kept"),
+    "on_save_error": (HONOUR, "what a failed save does"),
+    "max_bad_steps": (HONOUR, "how many skipped steps stop the run"),
+    "output_dir": (IGNORE, "where the run is (--resume DIR may name another directory's checkpoint)"),
+    "resume": (IGNORE, "how this invocation starts"),
+    "overwrite_output_dir": (IGNORE, "how this invocation starts"),
+    "config": (IGNORE, "where this invocation's settings came from (the settings themselves are compared)"),
+    "dry_run": (IGNORE, "a dry run trains nothing"),
+    "plan_ranks": (IGNORE, "dry runs only"),
+    "data_workers": (IGNORE, "how the data is tokenized (same examples)"),
+    "data_cache": (IGNORE, "where tokenized data is cached (same examples)"),
+}
+# what the checkpoint's state.json identity holds: the refused settings, normalised (trainer.run_identity)
+IDENTITY_KEYS = tuple(key for key, (policy, _) in RESUME_POLICY.items() if policy == REFUSE)
 
 
 @dataclass
@@ -236,14 +318,56 @@ def read_state(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / "state.json").read_text())
 
 
-def check_compatible(state: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
-    """Refuse to resume a checkpoint written by a run with different adapters."""
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _shown(key: str, value: Any, config: dict[str, Any]) -> str:
+    """A setting's value as the refusal line shows it; the data by its path and digest."""
+    if key == "data":
+        return f"{config.get('data') or 'the embedded default'!r} (files sha256 {str(value)[:12]})"
+    return repr(value)
+
+
+def check_compatible(state: dict[str, Any], identity: dict[str, Any], path: Path,
+                     config: dict[str, Any] | None = None) -> None:
+    """Refuse to resume a checkpoint written by a run whose refused settings (RESUME_POLICY) differ: one line
+    naming the setting and the saved value. A setting an older checkpoint did not record is not compared.
+    `config` is this run's configuration (for the data's path in the line)."""
+    saved_config = saved_settings(path)
     for key in IDENTITY_KEYS:
-        saved, now = state["identity"].get(key), identity.get(key)
+        if key not in state["identity"]:
+            continue
+        saved, now = state["identity"][key], identity.get(key)
         if saved != now:
-            flag = "--" + key.replace("_", "-")
-            raise UserError(f"--resume {path}: the checkpoint was written with {flag} {saved!r}, this run has "
-                            f"{flag} {now!r}; resume with the same settings or start a new --output-dir")
+            flag = _flag(key)
+            raise UserError(f"--resume {path}: the checkpoint was written with {flag} "
+                            f"{_shown(key, saved, saved_config)}, this run has {flag} "
+                            f"{_shown(key, now, config or {})}; {flag} sets {RESUME_POLICY[key][1]}, so resume with "
+                            f"the same {flag} or start a new --output-dir")
+
+
+def saved_settings(path: Path) -> dict[str, Any]:
+    """The configuration of the run that wrote the checkpoint at `path` (its config.yaml; {} if absent)."""
+    import yaml
+
+    file = Path(path) / "config.yaml"
+    values = yaml.safe_load(file.read_text()) if file.is_file() else None
+    return values if isinstance(values, dict) else {}
+
+
+def honoured_changes(path: Path, config: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(setting, saved value, this run's value) of every honoured or budget setting that differs from the run that
+    wrote the checkpoint at `path` (one missing from its config.yaml is not compared)."""
+    saved = saved_settings(path)
+    return [(key, saved[key], config[key]) for key, (policy, _) in RESUME_POLICY.items()
+            if policy in (HONOUR, BUDGET) and key in saved and key in config and saved[key] != config[key]]
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
+    """The start-up line of a resume that honours changed settings."""
+    return ("resume honours changed settings (docs/RESUME.md): "
+            + ", ".join(f"{_flag(key)} {old!r} -> {new!r}" for key, old, new in changes))
 
 
 def check_step_budget(state: dict[str, Any], total_steps: int, path: Path) -> None:
@@ -278,3 +402,15 @@ def restore_bank(bank: AdapterBank, checkpoint: Checkpoint) -> None:
         if current is None or current.shapes != branch.shapes:
             raise UserError(f"--resume {checkpoint.path}: its {name} adapter covers other layers than this model's")
         bank.replace_branch(name, branch.to(bank.primary.flat.device))
+
+
+POLICY_WORDS = {REFUSE: "refused: one line names the setting and the saved value",
+                BUDGET: "honoured and said while the step count stays; another step count is refused",
+                HONOUR: "honoured from the saved step on, and said in one start-up line",
+                IGNORE: "not compared"}
+
+
+def policy_markdown() -> str:
+    """The resume policy table of docs/RESUME.md, generated from RESUME_POLICY."""
+    rows = [f"| `{_flag(key)}` | {policy} | {why} |" for key, (policy, why) in RESUME_POLICY.items()]
+    return "\n".join(["| setting | on resume | why |", "|---|---|---|", *rows])

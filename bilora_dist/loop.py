@@ -133,11 +133,20 @@ class TrainingLoop:
 
     def _restore(self, checkpoint: Checkpoint) -> int:
         """Optimizer, schedule, RNG and position of the checkpoint; returns the examples consumed."""
-        maximize = [group.get("maximize", False) for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(checkpoint.optimizer)
-        for group, flag in zip(self.optimizer.param_groups, maximize):
-            group["maximize"] = flag  # the method's direction, not the saved one
+        settings = [{k: v for k, v in group.items() if k not in ("params", "lr")}
+                    for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(checkpoint.optimizer)  # replaces the param_groups list
         self.scheduler.load_state_dict(checkpoint.scheduler)
+        groups = self.optimizer.param_groups
+        # this run's settings (RESUME_POLICY honours a changed lr, aux lr scale, schedule, decay, betas, epsilon) and
+        # the method's direction, not the saved ones; the schedule continues at the saved step from this run's peak.
+        # Unchanged settings give back exactly the saved learning rates (LambdaLR computes them the same way).
+        for group, own in zip(groups, settings):
+            group.update(own)
+        self.scheduler.base_lrs = [own["initial_lr"] for own in settings]
+        for group, base, factor in zip(groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in groups]
         engine = self.engine
         set_rng_state(checkpoint.rng[engine.rank if len(checkpoint.rng) == engine.world_size else 0])
         self.start_step, self.squeeze_history = checkpoint.step, checkpoint.state["squeeze_history"]

@@ -46,3 +46,19 @@ def truncate_metrics(out_dir: Path, step: int) -> None:
     tmp = path.with_name(".metrics.jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     tmp.replace(path)
+
+
+def trained_steps(out_dir: Path) -> int:
+    """The last training step metrics.jsonl logged (0: none; a row of step 0 is the evaluation before training).
+    An unreadable line counts as a step: a file someone wrote in is not thrown away."""
+    path = out_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    last = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            step = json.loads(line).get("step", 1) if line.strip() else 0
+        except (ValueError, AttributeError):
+            step = 1
+        last = max(last, step if isinstance(step, int) else 1)
+    return last

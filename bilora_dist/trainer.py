@@ -7,8 +7,11 @@ loop (loop.py) → finish (evaluate, measure, write the adapter).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,8 +22,9 @@ from safetensors import SafetensorError
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.adapters.bank import AdapterBank, LayerShape
 from bilora_dist.adapters.inject import peft_target_modules
-from bilora_dist.checkpoint import (Checkpoint, check_compatible, check_step_budget, checkpoints_dir, find_checkpoint,
-                                    list_checkpoints, load_checkpoint, read_state, restore_bank)
+from bilora_dist.checkpoint import (Checkpoint, check_compatible, check_step_budget, checkpoints_dir, describe_changes,
+                                    find_checkpoint, honoured_changes, list_checkpoints, load_checkpoint, read_state,
+                                    restore_bank)
 from bilora_dist.config import TrainConfig, parse_size
 from bilora_dist.data import Prepared, prepare_examples
 from bilora_dist.data.tokenize import TokenizeOptions
@@ -33,10 +37,10 @@ from bilora_dist.kernels import apply_kernels, choose_kernels, compile_blocks, l
 from bilora_dist.loop import Budget, RunData, TrainingLoop, say
 from bilora_dist.loss import attach_head_loss
 from bilora_dist.memory_plan import format_plan
-from bilora_dist.metrics import truncate_metrics
+from bilora_dist.metrics import trained_steps, truncate_metrics
 from bilora_dist.modeling import LoadOptions, build_on_meta, decoder_blocks, load_config, load_tokenizer, resolve_model
 from bilora_dist.planning import RunPlan, build_run_plan
-from bilora_dist.preemption import StopRequest
+from bilora_dist.preemption import OutputLock, StopRequest
 from bilora_dist.recompute import Recompute, apply_recompute, choose, forced, free_memory_bytes
 from bilora_dist.squeeze.schedule import parse_squeeze
 
@@ -84,31 +88,69 @@ def resolve_recompute(cfg: TrainConfig, engine: Engine) -> Recompute:
     return recompute
 
 
-def run_identity(cfg: TrainConfig) -> dict[str, Any]:
-    """What a checkpoint must share with the run resuming it (checkpoint.IDENTITY_KEYS)."""
+def run_identity(cfg: TrainConfig, data_digest: str) -> dict[str, Any]:
+    """What a checkpoint must share with the run resuming it: the refused settings of checkpoint.RESUME_POLICY,
+    normalised (a model directory by its absolute path, the data by `data_digest`)."""
     model = str(Path(cfg.model).resolve()) if cfg.model and Path(cfg.model).exists() else cfg.model or "embedded"
     bilora = cfg.method == "bilora"
     return {"model": model, "method": cfg.method, "rank": cfg.rank, "alpha": cfg.alpha,
             "aux_rank": cfg.aux_rank if bilora else None, "aux_scale": cfg.aux_scale if bilora else None,
-            "target_modules": cfg.target_modules, "squeeze": cfg.squeeze or None}
+            "aux_optimizer": cfg.aux_optimizer if bilora else None, "target_modules": cfg.target_modules,
+            "squeeze": cfg.squeeze or None, "squeeze_min_stage": cfg.squeeze_min_stage if cfg.squeeze else None,
+            "squeeze_ranks": cfg.squeeze_ranks if cfg.squeeze else None, "data": data_digest,
+            "data_format": cfg.data_format, "train_on_prompt": cfg.train_on_prompt,
+            "last_turn_only": cfg.last_turn_only, "seq_len": cfg.seq_len, "packing": cfg.packing, "seed": cfg.seed}
 
 
-def _resume_point(cfg: TrainConfig, out: Path, engine: Engine) -> Path | None:
+def data_digest(cfg: TrainConfig, engine: Engine) -> str:
+    """SHA-256 of the training data's files (bytes, and names within a folder source; the embedded default is its
+    file too), read once by the main rank: the same data under another path is the same data. One sequential read,
+    as the tokenized-data cache key already makes."""
+    from bilora_dist.data.source import locate
+
+    digest = None
+    if engine.is_main:
+        source = locate(cfg.data or str(DEFAULT_TRAIN), "--data")
+        h, location = hashlib.sha256(f"{source.kind}:{source.split}".encode()), Path(source.location)
+        for path in source.files:
+            if location.is_dir():  # a folder's files by their place in it; a lone file's name is not its data
+                h.update(str(path.relative_to(location)).encode() + b"\0")
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        digest = h.hexdigest()
+    return engine.gather_object(digest)[0]
+
+
+def _holds_run(out: Path) -> str | None:
+    """What of an earlier run `out` holds (training steps logged, checkpoints, an adapter); None: nothing that a
+    fresh start would lose (a run that stopped before its first step leaves only its configuration and empty logs)."""
+    steps, saved = trained_steps(out), list_checkpoints(checkpoints_dir(out))
+    held = ([f"{steps} logged step(s)"] if steps else []) + ([f"checkpoint {saved[0].name}"] if saved else []) + (
+        ["adapter/"] if (out / "adapter").exists() else [])
+    return ", ".join(held) or None
+
+
+def _resume_point(cfg: TrainConfig, out: Path, engine: Engine, identity: dict[str, Any]) -> Path | None:
     """The checkpoint this run continues from (None: a fresh run); refuses incompatible ones and
     output directories that hold another run."""
-    holds_run = (out / "metrics.jsonl").exists()
+    if cfg.resume and cfg.overwrite_output_dir:
+        raise UserError("--overwrite-output-dir starts the run over and --resume continues it; pass one of them")
+    held = _holds_run(out)
     if not cfg.resume:
-        if holds_run:
-            raise UserError(f"--output-dir {out} already holds a run (metrics.jsonl); pass --resume auto to "
-                            "continue it, or choose another directory")
+        if held and not cfg.overwrite_output_dir:
+            raise UserError(f"--output-dir {out} already holds a run ({held}); pass --resume auto to continue it, "
+                            "--overwrite-output-dir to start over in it (deletes that run), or another --output-dir")
         return None
     path = find_checkpoint(out, cfg.resume, lambda message: say(engine, message))
     if path is None:
-        if holds_run:
-            raise UserError(f"--resume auto: {out} holds a run but no valid checkpoint in {checkpoints_dir(out)}")
+        if held:
+            raise UserError(f"--resume auto: {out} holds a run ({held}) but no valid checkpoint in "
+                            f"{checkpoints_dir(out)}; pass --overwrite-output-dir instead to start over in it "
+                            "(deletes that run), or choose another --output-dir")
         return None
-    check_compatible(read_state(path), run_identity(cfg), path)
-    if holds_run and path.resolve().parent != checkpoints_dir(out).resolve():
+    check_compatible(read_state(path), identity, path, dataclasses.asdict(cfg))
+    if held and path.resolve().parent != checkpoints_dir(out).resolve():
         raise UserError(f"--output-dir {out} already holds another run; resume into a new directory")
     return path
 
@@ -116,29 +158,32 @@ def _resume_point(cfg: TrainConfig, out: Path, engine: Engine) -> Path | None:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) one fine-tuning job; returns the evaluations before and after training (before is
     None for a resumed run) and, when SIGTERM/SIGINT stopped it early, the step it stopped at.
-    From the start, those signals only ask the loop to save a checkpoint and leave after the current step."""
+    From the start, those signals only ask the loop to save a checkpoint and leave after the current step.
+    The output directory is locked (preemption.OutputLock) from the start until the run ends, however it ends."""
     with StopRequest() as stop:
-        return _train(cfg, stop)
+        engine = make_engine(cfg)
+        with OutputLock(Path(cfg.output_dir), engine, lambda message: say(engine, message)):
+            return _train(cfg, stop, engine)
 
 
-def _train(cfg: TrainConfig, stop: StopRequest) -> dict[str, Any]:
-    engine = make_engine(cfg)
+def _train(cfg: TrainConfig, stop: StopRequest, engine: Engine) -> dict[str, Any]:
     model_path = resolve_model_once(cfg, engine)
-    out = Path(cfg.output_dir)
-    resume_from = _resume_point(cfg, out, engine)
+    out, identity = Path(cfg.output_dir), run_identity(cfg, data_digest(cfg, engine))
+    resume_from = _resume_point(cfg, out, engine, identity)
     data = prepare_data(cfg, engine, model_path)
     recompute = resolve_recompute(cfg, engine)
     model, bank = build_model_and_adapters(cfg, engine, model_path)
+    check_vocabulary(model, data, model_path)
     budget = Budget.of(cfg, engine.world_size, len(data.train_set))
     squeeze = parse_squeeze(cfg.squeeze, budget.total_steps, cfg.rank, cfg.squeeze_min_stage,
                             cfg.squeeze_ranks) if cfg.squeeze else None
-    checkpoint = restore_adapters(resume_from, bank, budget.total_steps)
+    checkpoint = restore_adapters(cfg, engine, resume_from, bank, budget.total_steps)
     engine.barrier()  # every rank has checked before the main rank starts writing (shared filesystems)
     open_output_dir(cfg, engine, out, checkpoint)  # every input is valid from here on
     model = attach_and_wrap(cfg, engine, model, bank, recompute)
     if note := unquantized_experts(bank.shapes, cfg):
         say(engine, note)
-    loop = TrainingLoop(cfg, engine, model, bank, data, budget, squeeze, out, checkpoint, run_identity(cfg))
+    loop = TrainingLoop(cfg, engine, model, bank, data, budget, squeeze, out, checkpoint, identity)
     announce(cfg, loop, model_path)
     before = None if checkpoint or cfg.eval_on_start == "false" else loop.evaluate(0)
     if before:
@@ -221,23 +266,58 @@ def build_model_and_adapters(cfg: TrainConfig, engine: Engine,
     return model, bank
 
 
-def restore_adapters(resume_from: Path | None, bank: AdapterBank, total_steps: int) -> Checkpoint | None:
-    """The checkpoint resumed from (None: a fresh run), its branches put into `bank`."""
+def restore_adapters(cfg: TrainConfig, engine: Engine, resume_from: Path | None, bank: AdapterBank,
+                     total_steps: int) -> Checkpoint | None:
+    """The checkpoint resumed from (None: a fresh run), its branches put into `bank`; one line lists the changed
+    settings the resume honours (checkpoint.RESUME_POLICY)."""
     if resume_from is None:
         return None
     checkpoint = load_checkpoint(resume_from)
     check_step_budget(checkpoint.state, total_steps, checkpoint.path)
     restore_bank(bank, checkpoint)
+    if changes := honoured_changes(resume_from, dataclasses.asdict(cfg)):
+        say(engine, describe_changes(changes))
     return checkpoint
 
 
+def check_vocabulary(model: torch.nn.Module, data: RunData, model_path: str) -> None:
+    """Refuse token ids the model's embedding has no row for (a tokenizer of another model), before anything is
+    written: the forward pass would fail on them."""
+    import pyarrow.compute as pc
+
+    rows = model.get_input_embeddings().num_embeddings
+    for flag, examples in (("--data", data.train_set), ("--eval-data", data.eval_set)):
+        top = pc.max(pc.list_flatten(examples.data.column("input_ids"))).as_py()
+        if top is not None and top >= rows:
+            raise UserError(f"{flag}: the tokenizer of {model_path} gives token id {top}, but the model's embedding "
+                            f"has {rows} rows; use the tokenizer the model was trained with")
+
+
+_RUN_FILES = ("checkpoints", "metrics.jsonl", ".metrics.jsonl.tmp", "tensorboard", "adapter")
+
+
 def open_output_dir(cfg: TrainConfig, engine: Engine, out: Path, checkpoint: Checkpoint | None) -> None:
-    """The main rank writes the run's configuration and drops metrics rows a resumed run redoes."""
-    if engine.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.yaml").write_text(cfg.to_yaml())
-        if checkpoint:
-            truncate_metrics(out, checkpoint.step)
+    """The main rank clears what an earlier run left (with --overwrite-output-dir, or the logs of one that stopped
+    before its first step), writes the run's configuration (a resume that honours changed settings says so in it)
+    and drops metrics rows a resumed run redoes."""
+    if not engine.is_main:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    earlier = (out / "train_config.yaml").read_text() if (out / "train_config.yaml").is_file() else ""
+    notes = [line for line in earlier.splitlines() if line.startswith("# resumed")] if checkpoint else []
+    if checkpoint and (changes := honoured_changes(checkpoint.path, dataclasses.asdict(cfg))):
+        notes.append(f"# resumed at step {checkpoint.step} from {checkpoint.path} with "
+                     + ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
+                     + f" (steps 1-{checkpoint.step} ran with the earlier values)")
+    if not checkpoint:
+        found = [name for name in _RUN_FILES if (out / name).exists()]
+        if found:
+            say(engine, f"starting afresh in {out}: removing the earlier run's {', '.join(found)}")
+        for name in found:
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    (out / "train_config.yaml").write_text(cfg.to_yaml() + "".join(line + "\n" for line in notes))
+    if checkpoint:
+        truncate_metrics(out, checkpoint.step)
 
 
 def attach_and_wrap(cfg: TrainConfig, engine: Engine, model: torch.nn.Module, bank: AdapterBank,
@@ -280,6 +360,7 @@ def write_adapter(cfg: TrainConfig, loop: TrainingLoop, model_path: str, resume_
         provenance = {"method": cfg.method, "rho": cfg.rho, "rank": cfg.rank, "alpha": cfg.alpha,
                       "aux_rank": cfg.aux_rank if cfg.method == "bilora" else None, "steps": loop.budget.total_steps,
                       "engine": engine.name, "world_size": engine.world_size, "squeeze": cfg.squeeze or None,
+                      "quantize": cfg.quantize, "dtype": str(cfg.dtype).removeprefix("torch."),
                       "squeeze_history": loop.squeeze_history,
                       "resumed_from": str(resume_from) if resume_from else None}
         try:
