@@ -96,7 +96,8 @@ class LoRAStep:
         if not math.isfinite(loss):
             return "non-finite loss"
         assert self.bank.grad_bucket is not None
-        return None if bool(torch.isfinite(self.bank.grad_bucket.flat).all()) else "non-finite gradient"
+        largest = torch.linalg.vector_norm(self.bank.grad_bucket.flat, float("inf"))  # nan or inf if any is
+        return None if bool(torch.isfinite(largest)) else "non-finite gradient"
 
     def check_reached(self, tokens: int) -> None:
         """On the first finite step with tokens (this process's, so also after a resume): UserError naming the

@@ -81,7 +81,7 @@ class ExpertProjection(torch.autograd.Function):
         h = None
         if A is not None and B is not None:
             h = rows_times_experts(x.to(A.dtype), A.mT, offsets, bounds)
-            out = out + rows_times_experts(h, B.mT, offsets, bounds).to(out.dtype)
+            out.add_(rows_times_experts(h, B.mT, offsets, bounds).to(out.dtype))  # out is ours and not saved
         ctx.save_for_backward(x, weight, A, B, h, offsets)
         ctx.bounds, ctx.transposed = bounds, transposed
         return out
@@ -101,7 +101,7 @@ class ExpertProjection(torch.autograd.Function):
             grad32 = grad.to(B.dtype)
             grad_h = rows_times_experts(grad32, B, offsets, bounds)
             if grad_x is not None:
-                grad_x = grad_x + rows_times_experts(grad_h, A, offsets, bounds).to(x.dtype)
+                grad_x.add_(rows_times_experts(grad_h, A, offsets, bounds).to(x.dtype))
             if ctx.needs_input_grad[2]:
                 grad_A = experts_outer(grad_h.T, x.to(A.dtype), offsets, bounds)
             if ctx.needs_input_grad[3]:
