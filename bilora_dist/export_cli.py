@@ -5,7 +5,6 @@ so every checkpoint holds the whole adapter)."""
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from bilora_dist.checkpoint import MANIFEST, checkpoints_dir, find_checkpoint, l
 from bilora_dist.config import parse_size
 from bilora_dist.errors import OneLineParser, UserError
 from bilora_dist.export import PROVENANCE_FILE, save_peft_adapter
+from bilora_dist.files import read_json
 from bilora_dist.merge import merge_into_base
 from bilora_dist.modeling import build_on_meta, resolve_model, safetensors_index
 from bilora_dist.squeeze.branch import kept_energy_summary, squeeze_branch
@@ -67,7 +67,7 @@ def _from_checkpoint(path: Path) -> ExportSource:
 
 def _from_adapter(path: Path) -> ExportSource:
     branch, config = read_peft_adapter(path, "--checkpoint")
-    provenance = json.loads((path / PROVENANCE_FILE).read_text()) if (path / PROVENANCE_FILE).is_file() else {}
+    provenance = read_json(path / PROVENANCE_FILE) if (path / PROVENANCE_FILE).is_file() else {}
     return ExportSource(branch, config.get("base_model_name_or_path", ""), config["target_modules"], provenance)
 
 

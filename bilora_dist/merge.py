@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from bilora_dist.adapters.bank import Branch
 from bilora_dist.errors import UserError
+from bilora_dist.files import read_json
 from bilora_dist.modeling import (NF4_BLOCK, CheckpointSource, build_on_meta, checkpoint_sources, quantized_linears,
                                   safetensors_index)
 
@@ -150,7 +151,7 @@ def _merged_experts(meta: torch.nn.Module, name: str, source: CheckpointSource, 
 def _write_other_files(model_dir: Path, tmp: Path, untie: bool, dequantised: bool) -> None:
     """config.json (the head untied where it was adapted, no quantization_config where every 4-bit weight was
     written dequantised) and every non-weight file of `model_dir` (tokenizer, generation config, ...)."""
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_json(model_dir / "config.json")
     if untie and config.get("tie_word_embeddings", False):
         config["tie_word_embeddings"] = False  # the head now differs from the embedding
     if dequantised:

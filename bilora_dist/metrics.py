@@ -41,11 +41,21 @@ def truncate_metrics(out_dir: Path, step: int) -> None:
     path = out_dir / "metrics.jsonl"
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if _row_step(line) <= step]
     tmp = path.with_name(".metrics.jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     tmp.replace(path)
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl row; inf for a line that is no row (e.g. cut off when a run was killed), so
+    a resume drops it."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return math.inf
+    return row.get("step", 0) if isinstance(row, dict) and isinstance(row.get("step", 0), int) else math.inf
 
 
 def trained_steps(out_dir: Path) -> int:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
 from pathlib import Path
 
 from bilora_dist.errors import OneLineParser, UserError
 from bilora_dist.export import PROVENANCE_FILE, save_peft_adapter
+from bilora_dist.files import read_json
 from bilora_dist.squeeze.branch import kept_energy_summary, squeeze_branch
 from bilora_dist.squeeze.peft_io import extract_lora_from_delta, read_peft_adapter
 
@@ -53,7 +53,7 @@ def squeeze_main(argv: list[str]) -> None:
         source = {"adapter": str(args.adapter), "ranks": sorted(set(branch.ranks))}
         old = {}
         if (args.adapter / PROVENANCE_FILE).is_file():
-            old = json.loads((args.adapter / PROVENANCE_FILE).read_text())
+            old = read_json(args.adapter / PROVENANCE_FILE)
     else:
         new = extract_lora_from_delta(args.delta[0], args.delta[1], args.rank, re.compile(args.target_modules),
                                       args.oversample, args.power_iters)

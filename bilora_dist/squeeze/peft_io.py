@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -10,11 +9,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from bilora_dist.adapters.bank import Branch, LayerShape
 from bilora_dist.adapters.experts import PROJECTIONS
 from bilora_dist.errors import UserError
+from bilora_dist.files import read_json, read_safetensors
 from bilora_dist.modeling import safetensors_index
 from bilora_dist.squeeze.operator import balanced_factors, randomized_svd
 
@@ -37,11 +36,11 @@ def read_peft_adapter(path: Path, flag: str = "--adapter") -> tuple[Branch, dict
     if not cfg_file.is_file() or not weights.is_file():
         raise UserError(f"{flag} {path}: not a PEFT adapter directory (needs adapter_config.json and "
                         "adapter_model.safetensors)")
-    config = json.loads(cfg_file.read_text())
+    config = read_json(cfg_file)
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
         raise UserError(f"{flag} {path}: only plain LoRA adapters can be squeezed (peft_type "
                         f"{config.get('peft_type')}, use_dora {config.get('use_dora', False)})")
-    tensors = load_file(str(weights))
+    tensors = read_safetensors(weights)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         match = _KEY.match(key)
