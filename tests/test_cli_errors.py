@@ -12,14 +12,7 @@ import yaml
 
 from bilora_dist.cli import run_cli, train_main
 from bilora_dist.config import parse_config
-from tests_support import run_cmd, run_ok
-
-
-def _fail(capsys, argv: list[str]) -> str:
-    assert run_cli(train_main, argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
+from tests_support import error_line, run_cmd, run_ok
 
 
 @pytest.fixture
@@ -40,42 +33,42 @@ def _with(args: list[str], **flags: str) -> list[str]:
 
 
 def test_missing_data_file(capsys, base_args, tmp_path):
-    assert "file not found" in _fail(capsys, _with(base_args, data=str(tmp_path / "nope.jsonl")))
+    assert "file not found" in error_line(capsys, _with(base_args, data=str(tmp_path / "nope.jsonl")))
 
 
 def test_malformed_record_names_the_line(capsys, base_args, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": " b"}\n{"prompt": "a", "completion": \n')
-    assert "line 2: malformed JSON" in _fail(capsys, _with(base_args, data=str(bad)))
+    assert "line 2: malformed JSON" in error_line(capsys, _with(base_args, data=str(bad)))
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text('{"text": "fine"}\n{"question": "x"}\n')
-    assert "line 2: not a text record like the rest of the dataset (expected text; keys are ['question'])" in _fail(capsys, _with(base_args, data=str(wrong)))
+    assert "line 2: not a text record like the rest of the dataset (expected text; keys are ['question'])" in error_line(capsys, _with(base_args, data=str(wrong)))
 
 
 def test_empty_dataset(capsys, base_args, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    assert "dataset is empty" in _fail(capsys, _with(base_args, eval_data=str(empty)))
+    assert "dataset is empty" in error_line(capsys, _with(base_args, eval_data=str(empty)))
 
 
 def test_rank_larger_than_a_layer(capsys, base_args):
-    err = _fail(capsys, _with(base_args, rank="24"))
+    err = error_line(capsys, _with(base_args, rank="24"))
     assert "--rank 24 exceeds min(in, out) = 16 of layer model.layers.0.self_attn.k_proj" in err
 
 
 def test_negative_rho(capsys, base_args):
-    assert "--rho must be >= 0" in _fail(capsys, _with(base_args, rho="-0.1"))
+    assert "--rho must be >= 0" in error_line(capsys, _with(base_args, rho="-0.1"))
 
 
 def test_target_modules_matching_nothing(capsys, base_args):
-    assert "matches no linear layer" in _fail(capsys, _with(base_args, target_modules="qkv_fused"))
+    assert "matches no linear layer" in error_line(capsys, _with(base_args, target_modules="qkv_fused"))
 
 
 def test_unknown_flag_and_unknown_yaml_key(capsys, base_args, tmp_path):
-    assert "unrecognized arguments: --rnak" in _fail(capsys, base_args + ["--rnak", "4"])
+    assert "unrecognized arguments: --rnak" in error_line(capsys, base_args + ["--rnak", "4"])
     cfg = tmp_path / "c.yaml"
     cfg.write_text("rank: 4\nlearning_rate: 0.1\n")
-    assert "unknown key 'learning_rate'" in _fail(capsys, base_args + ["--config", str(cfg)])
+    assert "unknown key 'learning_rate'" in error_line(capsys, base_args + ["--config", str(cfg)])
 
 
 @pytest.mark.parametrize("flag,value,message", [
@@ -83,7 +76,7 @@ def test_unknown_flag_and_unknown_yaml_key(capsys, base_args, tmp_path):
     ("warmup_ratio", "1.5", "--warmup-ratio must be in [0, 1)"), ("method", "sam", "invalid choice: 'sam'"),
     ("rank", "four", "invalid int value: 'four'")])
 def test_out_of_range_values(capsys, base_args, flag, value, message):
-    assert message in _fail(capsys, _with(base_args, **{flag: value}))
+    assert message in error_line(capsys, _with(base_args, **{flag: value}))
 
 
 def test_a_failed_run_leaves_the_saved_run_untouched(capsys, base_args, tmp_path):
@@ -92,12 +85,12 @@ def test_a_failed_run_leaves_the_saved_run_untouched(capsys, base_args, tmp_path
     digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()}
     assert (out / "adapter" / "adapter_model.safetensors") in digest
     capsys.readouterr()
-    assert "already holds a run" in _fail(capsys, base_args)
+    assert "already holds a run" in error_line(capsys, base_args)
     resume = _with(base_args, data=str(tmp_path / "gone.jsonl"), resume="auto")
-    assert "file not found" in _fail(capsys, resume)
-    assert "--method" in _fail(capsys, _with(base_args, method="lora", resume="auto"))  # another run's checkpoint
+    assert "file not found" in error_line(capsys, resume)
+    assert "--method" in error_line(capsys, _with(base_args, method="lora", resume="auto"))  # another run's checkpoint
     # a longer budget would switch learning-rate schedules midway (step 2 at lr 0, then another curve)
-    longer = _fail(capsys, _with(base_args, max_steps="2", resume="auto"))
+    longer = error_line(capsys, _with(base_args, max_steps="2", resume="auto"))
     assert "the checkpoint's run has 1 steps" in longer and "this run has 2" in longer
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()} == digest
 
@@ -115,7 +108,7 @@ def test_a_failed_run_leaves_the_saved_run_untouched(capsys, base_args, tmp_path
 def test_yaml_values_are_checked_like_flags(capsys, base_args, tmp_path, text, message):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text)
-    assert message in _fail(capsys, base_args + ["--config", str(cfg)])
+    assert message in error_line(capsys, base_args + ["--config", str(cfg)])
 
 
 def test_yaml_strings_mean_what_yaml_1_2_says(tmp_path):
@@ -127,7 +120,7 @@ def test_yaml_strings_mean_what_yaml_1_2_says(tmp_path):
 
 
 def test_aux_scale_must_be_positive(capsys, base_args):
-    assert "--aux-scale must be > 0" in _fail(capsys, _with(base_args, aux_scale="0"))
+    assert "--aux-scale must be > 0" in error_line(capsys, _with(base_args, aux_scale="0"))
 
 
 def test_launcher_prints_one_line_without_traceback(tmp_path):
@@ -150,26 +143,26 @@ def test_yaml_config_is_overridden_by_flags_and_written_resolved(base_args, tmp_
 def test_ds_config_that_is_not_json_or_misspelt(capsys, base_args, tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text("{not json")
-    assert "malformed JSON at line 1" in _fail(capsys, base_args + ["--ds_config", str(ds)])
+    assert "malformed JSON at line 1" in error_line(capsys, base_args + ["--ds_config", str(ds)])
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_com": True}}))
-    assert "did you mean" in _fail(capsys, base_args + ["--ds_config", str(ds)])
+    assert "did you mean" in error_line(capsys, base_args + ["--ds_config", str(ds)])
 
 
 def test_ds_config_batch_size_must_agree_with_the_flags(capsys, base_args, tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 3}}))
-    assert "train_batch_size 64 != micro 2 x accum 1 x world 1" in _fail(capsys, base_args + ["--ds_config", str(ds)])
+    assert "train_batch_size 64 != micro 2 x accum 1 x world 1" in error_line(capsys, base_args + ["--ds_config", str(ds)])
 
 
 def test_single_engine_under_a_multi_process_launcher(capsys, base_args, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert "--engine single runs one process" in _fail(capsys, base_args + ["--engine", "single"])
+    assert "--engine single runs one process" in error_line(capsys, base_args + ["--engine", "single"])
     assert not (Path(base_args[-1]) / "metrics.jsonl").exists()
 
 
 def test_negative_checkpoint_counts(capsys, base_args):
-    assert "--save-every must be >= 0" in _fail(capsys, _with(base_args, save_every="-1"))
-    assert "--keep-last must be >= 0" in _fail(capsys, _with(base_args, keep_last="-2"))
+    assert "--save-every must be >= 0" in error_line(capsys, _with(base_args, save_every="-1"))
+    assert "--keep-last must be >= 0" in error_line(capsys, _with(base_args, keep_last="-2"))
 
 
 def test_export_errors(capsys, tmp_path):

@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bilora_dist.cli import run_cli
 from bilora_dist.errors import UserError
 from bilora_dist.export_cli import export_main
 from bilora_dist.files import read_json, read_safetensors, read_yaml
 from bilora_dist.metrics import truncate_metrics
 from bilora_dist.squeeze.cli import squeeze_main
+from tests_support import error_line
 
 
 def _adapter(path: Path) -> Path:
@@ -30,13 +30,6 @@ def _adapter(path: Path) -> Path:
     return path
 
 
-def _one_error_line(capsys, main, argv: list[str]) -> str:
-    assert run_cli(main, argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
-
-
 @pytest.mark.parametrize("damage", ["truncate", "junk"])
 def test_a_corrupt_adapter_names_itself_in_squeeze_and_export(capsys, tmp_path, damage):
     adapter = _adapter(tmp_path / "adapter")
@@ -45,7 +38,7 @@ def test_a_corrupt_adapter_names_itself_in_squeeze_and_export(capsys, tmp_path, 
     weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a safetensors file")
     for main, argv in ((squeeze_main, ["--adapter", str(adapter), "--rank", "2", "--out", str(tmp_path / "s")]),
                        (export_main, ["--checkpoint", str(adapter), "--out", str(tmp_path / "e"), "--rank", "2"])):
-        err = _one_error_line(capsys, main, argv)
+        err = error_line(capsys, argv, main)
         assert f"{weights}: corrupt or truncated" in err
     assert not (tmp_path / "s").exists() and not (tmp_path / "e").exists()
 
@@ -53,11 +46,10 @@ def test_a_corrupt_adapter_names_itself_in_squeeze_and_export(capsys, tmp_path, 
 def test_a_corrupt_adapter_config_or_provenance_names_itself(capsys, tmp_path):
     adapter = _adapter(tmp_path / "adapter")
     (adapter / "bilora_dist.json").write_text('{"method": "bilora", "ra')
-    err = _one_error_line(capsys, export_main, ["--checkpoint", str(adapter), "--out", str(tmp_path / "e")])
+    err = error_line(capsys, ["--checkpoint", str(adapter), "--out", str(tmp_path / "e")], export_main)
     assert f"{adapter / 'bilora_dist.json'}: corrupt or truncated" in err
     (adapter / "adapter_config.json").write_text('{"peft_type": "LO')
-    err = _one_error_line(capsys, squeeze_main, ["--adapter", str(adapter), "--rank", "2", "--out",
-                                                 str(tmp_path / "s")])
+    err = error_line(capsys, ["--adapter", str(adapter), "--rank", "2", "--out", str(tmp_path / "s")], squeeze_main)
     assert f"{adapter / 'adapter_config.json'}: corrupt or truncated" in err
 
 

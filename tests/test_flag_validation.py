@@ -14,16 +14,9 @@ import pytest
 
 from bilora_dist.cli import run_cli, train_main
 from bilora_dist.config import TrainConfig, range_error
-from tests_support import busy_port, ds_config_path, run_cmd, run_env
+from tests_support import busy_port, ds_config_path, error_line, run_cmd, run_env
 
 NUMERIC = [f for f in fields(TrainConfig) if f.type in ("int", "float", "float | None")]
-
-
-def _fail(capsys, argv: list[str]) -> str:
-    assert run_cli(train_main, argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
 
 
 @pytest.fixture
@@ -48,7 +41,7 @@ def out_args(tmp_path):
     (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
     (["--epochs", "0"], "one of --max-steps or --epochs must be > 0")])
 def test_flag_out_of_range_or_not_finite(capsys, out_args, tmp_path, argv, line):
-    assert _fail(capsys, argv + out_args) == f"error: {line}"
+    assert error_line(capsys, argv + out_args) == f"error: {line}"
     assert not (tmp_path / "out").exists()
 
 
@@ -88,7 +81,7 @@ def test_every_numeric_field_has_a_range_and_refuses_non_finite_values(name):
 def test_yaml_values_are_checked_by_the_same_table(capsys, out_args, tmp_path, text, line):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text)
-    assert _fail(capsys, ["--config", str(cfg)] + out_args) == "error: " + line.format(path=cfg)
+    assert error_line(capsys, ["--config", str(cfg)] + out_args) == "error: " + line.format(path=cfg)
 
 
 @pytest.mark.parametrize("content,line", [
@@ -100,14 +93,14 @@ def test_yaml_values_are_checked_by_the_same_table(capsys, out_args, tmp_path, t
 def test_ds_config_that_is_not_an_object_or_not_finite(capsys, out_args, tmp_path, content, line):
     ds = tmp_path / "ds.json"
     ds.write_text(content)
-    assert _fail(capsys, ["--ds_config", str(ds)] + out_args) == f"error: --ds_config {ds}: {line}"
+    assert error_line(capsys, ["--ds_config", str(ds)] + out_args) == f"error: --ds_config {ds}: {line}"
 
 
 @pytest.mark.parametrize("engine", ["single", "fsdp"])
 def test_ds_config_needs_the_deepspeed_engine(capsys, out_args, tmp_path, engine):
     """`--engine single --ds_config ds_configs/zero3.json` ran without ZeRO-3 and said nothing."""
     zero3 = ds_config_path("zero3")
-    err = _fail(capsys, ["--engine", engine, "--ds_config", zero3] + out_args)
+    err = error_line(capsys, ["--engine", engine, "--ds_config", zero3] + out_args)
     assert err == (f"error: --engine {engine} does not use --ds_config {zero3} (its ZeRO stage would be ignored); "
                    "pass --engine deepspeed, or leave --engine auto (--ds_config and the deepspeed launcher pick "
                    "deepspeed), or drop --ds_config")
@@ -124,7 +117,7 @@ def test_ds_config_needs_the_deepspeed_engine(capsys, out_args, tmp_path, engine
     (["--squeeze", "in:8->4/3", "--max-steps", "30"],
      "--squeeze 'in:8->4/3': 4 stages of 7 steps in a 30-step run; each must last at least --squeeze-min-stage 20")])
 def test_dry_run_refuses_the_squeeze_the_run_refuses(capsys, argv, line):
-    assert _fail(capsys, ["--dry-run"] + argv) == f"error: {line}"
+    assert error_line(capsys, ["--dry-run"] + argv) == f"error: {line}"
 
 
 def test_dry_run_accepts_a_valid_squeeze(capsys):

@@ -20,6 +20,7 @@ from transformers import (AutoModelForCausalLM, DeepseekV3Config, GptOssConfig, 
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.adapters.bank import AdapterBank, Branch, LayerShape
 from bilora_dist.checkpoint import save_checkpoint
+from bilora_dist.cli import run_cli, train_main
 from bilora_dist.engines.base import Engine
 
 # AdamW divides by sqrt(v) + eps: in the few entries whose gradient is near zero, float-order noise becomes update
@@ -219,3 +220,11 @@ def assert_same_run(out: Path, ref: Path, steps: int, products: bool = False) ->
     if products:
         got, want = lora_products(got), lora_products(want)
     assert_trained_close(got, want, SQUEEZED_BULK_RTOL if products else TRAINED_BULK_RTOL)
+
+
+def error_line(capsys, argv: list[str], main=train_main) -> str:
+    """The one `error:` line (exit 2, nothing else on stderr) that command `main` (default: training) gives `argv`."""
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
