@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from bilora_dist.adapters.bank import AdapterBank, Branch, LayerShape
 from bilora_dist.engines.base import Engine
 from bilora_dist.errors import TrainingFault, UserError
+from bilora_dist.files import hash_bytes
 from bilora_dist.export import publish_directory
 
 FORMAT = 1
@@ -147,9 +148,7 @@ def checkpoints_dir(out_dir: Path) -> Path:
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    hash_bytes(digest, path)
     return digest.hexdigest()
 
 

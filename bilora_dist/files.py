@@ -1,5 +1,6 @@
 """Reading the files a run is given or left (adapters, provenance, configs): a corrupt or truncated one names
-itself in one line (UserError) instead of a parser's traceback."""
+itself in one line (UserError) instead of a parser's traceback; and streaming a file's bytes into a hash (data
+identity, cache entries, checkpoint manifests)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,13 @@ def read_yaml(path: Path) -> Any:
         return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise _corrupt(Path(path), exc) from None
+
+
+def hash_bytes(h: Any, path: Path) -> None:
+    """Feed the bytes of file `path` into hash `h` (hashlib), a megabyte at a time."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:

@@ -31,6 +31,7 @@ from bilora_dist.data.tokenize import TokenizeOptions
 from bilora_dist.embedded import DEFAULT_EVAL, DEFAULT_TRAIN
 from bilora_dist.engines import Engine, make_engine
 from bilora_dist.errors import TrainingFault, UserError
+from bilora_dist.files import hash_bytes
 from bilora_dist.evaluation import choice_task
 from bilora_dist.export import save_peft_adapter
 from bilora_dist.kernels import apply_kernels, choose_kernels, compile_blocks, liger_model_types
@@ -115,9 +116,7 @@ def data_digest(cfg: TrainConfig, engine: Engine) -> str:
         for path in source.files:
             if location.is_dir():  # a folder's files by their place in it; a lone file's name is not its data
                 h.update(str(path.relative_to(location)).encode() + b"\0")
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+            hash_bytes(h, path)
         digest = h.hexdigest()
     return engine.gather_object(digest)[0]
 

@@ -33,6 +33,7 @@ from bilora_dist.data.source import Source, locate, quiet_datasets
 from bilora_dist.data.tokenize import TokenizeOptions, tokenize_record
 from bilora_dist.embedded import cache_dir
 from bilora_dist.engines.base import Engine
+from bilora_dist.files import hash_bytes
 from bilora_dist.errors import UserError
 
 TOKEN_COLUMNS = ["input_ids", "labels"]
@@ -156,9 +157,7 @@ def entry_digest(entry: Path) -> str:
     h = hashlib.sha256()
     for path in sorted(p for p in (entry / "dataset").rglob("*") if p.is_file() and not p.name.startswith("cache-")):
         h.update(str(path.relative_to(entry)).encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        hash_bytes(h, path)
     return h.hexdigest()
 
 
@@ -229,9 +228,7 @@ def cache_key(source: Source, tokenizer: Any, options: TokenizeOptions, fmt: str
     location = Path(source.location)
     for path in source.files:
         h.update(str(path.relative_to(location) if location.is_dir() else path.name).encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        hash_bytes(h, path)
     return h.hexdigest()[:32]
 
 
