@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bilora_dist.adapters.bank import Branch  # noqa: E402
-from bilora_dist.checkpoint import Checkpoint, list_checkpoints, load_checkpoint  # noqa: E402
-from bilora_dist.sharpness import (Probe, adversarial_increases, build_parser, load_adapted,  # noqa: E402
+from bilora_dist.checkpoint.store import Checkpoint, list_checkpoints, load_checkpoint  # noqa: E402
+from bilora_dist.probe.sharpness import (Probe, adversarial_increases, build_parser, load_adapted,  # noqa: E402
                                   random_increases)
-from bilora_dist.squeeze.peft_io import read_peft_adapter  # noqa: E402
+from bilora_dist.export.peft_io import read_peft_adapter  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import generalization  # noqa: E402  (its mean and standard error)

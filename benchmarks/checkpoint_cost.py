@@ -27,12 +27,12 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 from bilora_dist.adapters import build_bank, layer_shapes, select_targets
-from bilora_dist.checkpoint import load_checkpoint, save_checkpoint
-from bilora_dist.embedded import default_model_dir
+from bilora_dist.checkpoint.store import load_checkpoint, save_checkpoint
+from bilora_dist.model.embedded import default_model_dir
 from bilora_dist.engines.base import Engine
-from bilora_dist.export import save_peft_adapter
-from bilora_dist.merge import DTYPE_BYTES
-from bilora_dist.modeling import LoadOptions, build_on_meta
+from bilora_dist.export.peft import save_peft_adapter
+from bilora_dist.export.merge import DTYPE_BYTES
+from bilora_dist.model.loading import LoadOptions, build_on_meta
 
 HERE = Path(__file__).resolve().parent
 LLAMA_1B = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -41,7 +41,7 @@ LLAMA_1B = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=563
 MEASURE = """
 import sys, time
 from bilora_dist.cli import run_cli
-from bilora_dist.export_cli import export_main
+from bilora_dist.export.cli import export_main
 import transformers, safetensors.torch
 # VmHWM restarts at exec; ru_maxrss would carry the parent's peak over the fork
 peak = lambda: int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])

@@ -61,8 +61,8 @@ def _digests(pairs) -> dict[str, str]:
 
 def rank_worker(args: argparse.Namespace) -> None:
     """One rank: prepare both files the way `args.phase` does, read every example, report."""
-    from bilora_dist.embedded import default_model_dir
-    from bilora_dist.modeling import load_tokenizer
+    from bilora_dist.model.embedded import default_model_dir
+    from bilora_dist.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(default_model_dir()))
     files = [str(Path(args.data_dir) / name) for name in ("prompt_completion.jsonl", "messages.jsonl")]
@@ -108,7 +108,7 @@ def _before_module(path: Path):
 
 def synthesise(data_dir: Path, n: int) -> None:
     """n/2 prompt/completion records and n/2 two-turn conversations, cycling through the embedded train set."""
-    from bilora_dist.embedded import DEFAULT_TRAIN
+    from bilora_dist.model.embedded import DEFAULT_TRAIN
 
     base = [json.loads(line) for line in DEFAULT_TRAIN.read_text().splitlines()]
     pairs = [base[i % len(base)] for i in range(n // 2)]

@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine_cost.json"))
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from bilora_dist.embedded import DEFAULT_EVAL
+    from bilora_dist.model.embedded import DEFAULT_EVAL
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -44,7 +44,7 @@ VARIANTS = {  # name: (records, extra flags)
 def write_records(folder: Path) -> dict[str, Path]:
     """Plain-text records from the embedded glosses: 8 of ~1500 tokens ("long", every row truncated to --seq-len),
     and 64 of 40 to 1000 tokens ("mixed"), each as train and held-out files."""
-    from bilora_dist.embedded import DEFAULT_TRAIN
+    from bilora_dist.model.embedded import DEFAULT_TRAIN
 
     glosses = [json.loads(line)["prompt"] for line in DEFAULT_TRAIN.read_text().splitlines()]
     rng = random.Random(0)
@@ -86,7 +86,7 @@ def saved_activations(args: argparse.Namespace) -> dict[str, float]:
 
     from bilora_dist.adapters import layer as layer_module
     from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
-    from bilora_dist.modeling import LoadOptions, load_frozen_model, resolve_model
+    from bilora_dist.model.loading import LoadOptions, load_frozen_model, resolve_model
 
     model = load_frozen_model(resolve_model(args.model), LoadOptions(torch.bfloat16))
     inject(model, build_bank(layer_shapes(model, select_targets(model, "all-linear")), 8, 16.0, 8, 1.0, seed=0))

@@ -37,16 +37,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bilora_dist.adapters import AdapterBank, build_bank, inject, layer_shapes, select_targets  # noqa: E402
-from bilora_dist.config import parse_config  # noqa: E402
+from bilora_dist.config.train import parse_config  # noqa: E402
 from bilora_dist.data.batching import IGNORE, Example, collate, collate_packed, to_device  # noqa: E402
 from bilora_dist.engines.base import Engine  # noqa: E402
-from bilora_dist.export import copy_into_peft  # noqa: E402
-from bilora_dist.kernels import KernelChoice, apply_kernels, choose_kernels, liger_model_types  # noqa: E402
-from bilora_dist.loss import attach_head_loss, token_loss_sum  # noqa: E402
-from bilora_dist.methods import METHOD_STEPS, build_optimizer  # noqa: E402
-from bilora_dist.modeling import LoadOptions, resolve_attn_implementation  # noqa: E402
-from bilora_dist.planning import build_run_plan  # noqa: E402
-from bilora_dist.recompute import Recompute, apply_recompute, choose, free_memory_bytes  # noqa: E402
+from bilora_dist.export.peft import copy_into_peft  # noqa: E402
+from bilora_dist.model.kernels import KernelChoice, apply_kernels, choose_kernels, liger_model_types  # noqa: E402
+from bilora_dist.training.loss import attach_head_loss, token_loss_sum  # noqa: E402
+from bilora_dist.training.methods import METHOD_STEPS, build_optimizer  # noqa: E402
+from bilora_dist.model.loading import LoadOptions, resolve_attn_implementation  # noqa: E402
+from bilora_dist.memory.run_plan import build_run_plan  # noqa: E402
+from bilora_dist.memory.recompute import Recompute, apply_recompute, choose, free_memory_bytes  # noqa: E402
 from bilora_dist.squeeze.operator import factored_svd  # noqa: E402
 
 METHODS = ("lora", "bilora", "lora-sam")

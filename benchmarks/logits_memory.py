@@ -3,7 +3,7 @@
     python benchmarks/logits_memory.py [--vocab 128256] [--hidden 2048] [--tokens 4096] [--chunk 1024]
 
 Each variant runs in a fresh process: the full-logits loss (`F.cross_entropy` over `F.linear(h, W).float()`,
-the loss before bilora_dist.loss chunked it), `linear_cross_entropy` in one chunk (--loss-chunk 0), and in
+the loss before bilora_dist.training.loss chunked it), `linear_cross_entropy` in one chunk (--loss-chunk 0), and in
 chunks of --chunk tokens. Peak = the process's peak resident set (ru_maxrss; CPU) or peak allocated device
 memory (CUDA) during loss + backward, minus what it held before (h, W, targets). All variants must agree on
 the loss and on the gradient of h; results go to benchmarks/results/logits_memory.json.
@@ -25,7 +25,7 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bilora_dist.loss import linear_cross_entropy  # noqa: E402
+from bilora_dist.training.loss import linear_cross_entropy  # noqa: E402
 
 
 def peak_bytes(device: torch.device) -> int:

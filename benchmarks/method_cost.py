@@ -27,10 +27,10 @@ def worker(args: argparse.Namespace) -> None:
     from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
     from bilora_dist.data import collate, prepare_examples
     from bilora_dist.data.tokenize import TokenizeOptions
-    from bilora_dist.embedded import DEFAULT_TRAIN
+    from bilora_dist.model.embedded import DEFAULT_TRAIN
     from bilora_dist.engines.base import Engine
-    from bilora_dist.methods import METHOD_STEPS, build_optimizer
-    from bilora_dist.modeling import load_frozen_model, load_tokenizer, resolve_model
+    from bilora_dist.training.methods import METHOD_STEPS, build_optimizer
+    from bilora_dist.model.loading import load_frozen_model, load_tokenizer, resolve_model
 
     path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)

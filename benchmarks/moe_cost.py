@@ -75,7 +75,7 @@ def peft_step(model, layers: int, lr: float):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from bilora_dist.loss import token_loss_sum
+    from bilora_dist.training.loss import token_loss_sum
 
     experts = [f"model.layers.{i}.mlp.experts.{p}" for i in range(layers) for p in ("gate_up_proj", "down_proj")]
     peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=ATTENTION, target_parameters=experts))
@@ -96,7 +96,7 @@ def peft_step(model, layers: int, lr: float):
 def our_step(model, method: str, device: str):
     from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
     from bilora_dist.engines.base import Engine
-    from bilora_dist.methods import METHOD_STEPS, build_optimizer
+    from bilora_dist.training.methods import METHOD_STEPS, build_optimizer
 
     targets = select_targets(model, ",".join(ATTENTION) if method == "floor" else "all-linear")
     bank = build_bank(layer_shapes(model, targets), 8, 16.0, 8 if method == "bilora" else None, 1.0, seed=0).to(device)

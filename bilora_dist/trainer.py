@@ -22,27 +22,27 @@ from safetensors import SafetensorError
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.adapters.bank import AdapterBank, LayerShape
 from bilora_dist.adapters.inject import peft_target_modules
-from bilora_dist.checkpoint import (Checkpoint, check_compatible, check_step_budget, checkpoints_dir, describe_changes,
+from bilora_dist.checkpoint.store import (Checkpoint, check_compatible, check_step_budget, checkpoints_dir, describe_changes,
                                     find_checkpoint, honoured_changes, list_checkpoints, load_checkpoint, read_state,
                                     restore_bank)
-from bilora_dist.config import TrainConfig, parse_size
+from bilora_dist.config.train import TrainConfig, parse_size
 from bilora_dist.data import Prepared, prepare_examples
 from bilora_dist.data.tokenize import TokenizeOptions
-from bilora_dist.embedded import DEFAULT_EVAL, DEFAULT_TRAIN
+from bilora_dist.model.embedded import DEFAULT_EVAL, DEFAULT_TRAIN
 from bilora_dist.engines import Engine, make_engine
 from bilora_dist.errors import TrainingFault, UserError
 from bilora_dist.files import hash_bytes
-from bilora_dist.evaluation import choice_task
-from bilora_dist.export import save_peft_adapter
-from bilora_dist.kernels import apply_kernels, choose_kernels, compile_blocks, liger_model_types
-from bilora_dist.loop import Budget, RunData, TrainingLoop, say
-from bilora_dist.loss import attach_head_loss
-from bilora_dist.memory_plan import format_plan
-from bilora_dist.metrics import trained_steps, truncate_metrics
-from bilora_dist.modeling import LoadOptions, build_on_meta, decoder_blocks, load_config, load_tokenizer, resolve_model
-from bilora_dist.planning import RunPlan, build_run_plan
-from bilora_dist.preemption import OutputLock, StopRequest
-from bilora_dist.recompute import Recompute, apply_recompute, choose, forced, free_memory_bytes
+from bilora_dist.training.evaluation import choice_task
+from bilora_dist.export.peft import save_peft_adapter
+from bilora_dist.model.kernels import apply_kernels, choose_kernels, compile_blocks, liger_model_types
+from bilora_dist.training.loop import Budget, RunData, TrainingLoop, say
+from bilora_dist.training.loss import attach_head_loss
+from bilora_dist.memory.plan import format_plan
+from bilora_dist.training.metrics import trained_steps, truncate_metrics
+from bilora_dist.model.loading import LoadOptions, build_on_meta, decoder_blocks, load_config, load_tokenizer, resolve_model
+from bilora_dist.memory.run_plan import RunPlan, build_run_plan
+from bilora_dist.checkpoint.preemption import OutputLock, StopRequest
+from bilora_dist.memory.recompute import Recompute, apply_recompute, choose, forced, free_memory_bytes
 from bilora_dist.squeeze.schedule import parse_squeeze
 
 

@@ -3,7 +3,7 @@
 import sys
 
 from bilora_dist.cli import run_cli
-from bilora_dist.export_cli import export_main
+from bilora_dist.export.cli import export_main
 
 if __name__ == "__main__":
     sys.exit(run_cli(export_main))

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
-from bilora_dist.config import parse_config
+from bilora_dist.config.train import parse_config
 from bilora_dist.data import BatchPlan, Example, collate, to_device
 from bilora_dist.engines import make_engine
-from bilora_dist.loss import attach_head_loss
-from bilora_dist.methods import METHOD_STEPS, build_optimizer
-from bilora_dist.modeling import LoadOptions, resolve_model
+from bilora_dist.training.loss import attach_head_loss
+from bilora_dist.training.methods import METHOD_STEPS, build_optimizer
+from bilora_dist.model.loading import LoadOptions, resolve_model
 
 GLOBAL_BATCH, STEPS = 8, 2
 

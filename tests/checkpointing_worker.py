@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from bilora_dist.config import parse_config
+from bilora_dist.config.train import parse_config
 from bilora_dist.data import Example, collate, to_device
 from bilora_dist.engines import make_engine
-from bilora_dist.loss import token_loss_sum
-from bilora_dist.recompute import Recompute, apply_recompute
+from bilora_dist.training.loss import token_loss_sum
+from bilora_dist.memory.recompute import Recompute, apply_recompute
 from bilora_dist.trainer import attach_and_wrap, build_model_and_adapters
 
 SETTINGS = {"off": 0, "every 2": 2, "all": 1}  # Recompute.every

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from bilora_dist.embedded import DEFAULT_TRAIN, default_model_dir
-from bilora_dist.modeling import load_tokenizer
+from bilora_dist.model.embedded import DEFAULT_TRAIN, default_model_dir
+from bilora_dist.model.loading import load_tokenizer
 from tests_support import tiny_llama_config
 
 

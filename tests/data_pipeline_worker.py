@@ -6,10 +6,10 @@ import sys
 
 from bilora_dist.data import pipeline
 from bilora_dist.data.tokenize import TokenizeOptions
-from bilora_dist.embedded import default_model_dir
+from bilora_dist.model.embedded import default_model_dir
 from bilora_dist.engines.distributed import DataParallelEngine
 from bilora_dist.errors import UserError
-from bilora_dist.modeling import load_tokenizer
+from bilora_dist.model.loading import load_tokenizer
 
 if __name__ == "__main__":
     out, data, cache = sys.argv[1:4]

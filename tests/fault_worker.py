@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from bilora_dist import loop, methods
+from bilora_dist.training import loop, methods
 from bilora_dist.cli import exit_process, run_cli, train_main
 
 

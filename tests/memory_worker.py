@@ -20,9 +20,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.data import Example, collate
-from bilora_dist.loss import attach_head_loss, token_loss_sum
-from bilora_dist.methods import build_optimizer
-from bilora_dist.recompute import Recompute, apply_recompute
+from bilora_dist.training.loss import attach_head_loss, token_loss_sum
+from bilora_dist.training.methods import build_optimizer
+from bilora_dist.memory.recompute import Recompute, apply_recompute
 
 MARK = "after_loss_forward"
 

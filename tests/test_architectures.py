@@ -22,7 +22,7 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, 
 
 from bilora_dist.adapters.inject import select_targets
 from bilora_dist.errors import UserError
-from bilora_dist.modeling import build_on_meta, resolve_model
+from bilora_dist.model.loading import build_on_meta, resolve_model
 from tests_support import ROOT, TRAINED_RTOL, relative_error, run_cmd, run_env, run_ok, two_ranks
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")

@@ -12,13 +12,13 @@ from torch import nn
 from bilora_dist.adapters import build_bank
 from bilora_dist.adapters.bank import LayerShape
 from bilora_dist.adapters.layer import LowRankUpdate
-from bilora_dist.aux_ascent import AuxVariant, diagnostics, reachable_spectra, refresh
+from bilora_dist.training.aux_ascent import AuxVariant, diagnostics, reachable_spectra, refresh
 from bilora_dist.cli import run_cli, train_main
-from bilora_dist.config import parse_config
+from bilora_dist.config.train import parse_config
 from bilora_dist.engines.base import Engine
-from bilora_dist.gradient_sketch import GradientSketch
-from bilora_dist.loop import build_scheduler
-from bilora_dist.methods import METHOD_STEPS, build_optimizer
+from bilora_dist.training.gradient_sketch import GradientSketch
+from bilora_dist.training.loop import build_scheduler
+from bilora_dist.training.methods import METHOD_STEPS, build_optimizer
 from tests_support import random_adapted_model, step_rows, tiny_llama_config
 
 M, N, T, RHO = 12, 10, 5, 0.3

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bilora_dist.checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, verify
+from bilora_dist.checkpoint.store import find_checkpoint, list_checkpoints, load_checkpoint, verify
 from tests_support import (ROOT, assert_trained_close, checkpoint_fixture, launcher, read_metrics, run_cmd, run_env,
                            run_ok, step_rows, tiny_llama_config)
 
@@ -118,7 +118,7 @@ def test_sigterm_saves_and_resume_auto_finishes_the_run(full_run, tiny_model_dir
 
 KILLED_WRITER = """
 import sys, time, torch
-from bilora_dist import checkpoint
+from bilora_dist.checkpoint import store as checkpoint
 from tests_support import checkpoint_fixture
 out = sys.argv[1]
 def stall(obj, path, *a, **k):  # dies half-way through writing optimizer.pt

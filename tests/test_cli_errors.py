@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from bilora_dist.cli import run_cli, train_main
-from bilora_dist.config import parse_config
+from bilora_dist.config.train import parse_config
 from tests_support import error_line, run_cmd, run_ok
 
 
@@ -166,7 +166,7 @@ def test_negative_checkpoint_counts(capsys, base_args):
 
 
 def test_export_errors(capsys, tmp_path):
-    from bilora_dist.export_cli import export_main
+    from bilora_dist.export.cli import export_main
 
     def fail(argv: list[str]) -> str:
         assert run_cli(export_main, argv) == 2

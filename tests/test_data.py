@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bilora_dist.config import TrainConfig, parse_config
+from bilora_dist.config.train import TrainConfig, parse_config
 from bilora_dist.data import IGNORE, BatchPlan, collate, tokenize
 from bilora_dist.data.formats import FORMATS, detect_format, record_error, to_messages
 from bilora_dist.data.tokenize import TokenizeOptions, tokenize_record
 from bilora_dist.errors import UserError
-from bilora_dist.loss import token_loss_sum
-from bilora_dist.modeling import load_frozen_model
+from bilora_dist.training.loss import token_loss_sum
+from bilora_dist.model.loading import load_frozen_model
 
 CHAT = {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
                      {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Green."}]}

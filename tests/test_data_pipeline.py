@@ -18,9 +18,9 @@ import torch
 from bilora_dist.data import IGNORE, collate, prepare_examples, tokenize
 from bilora_dist.data.source import Source
 from bilora_dist.data.tokenize import TokenizeOptions
-from bilora_dist.embedded import DEFAULT_EVAL, DEFAULT_TRAIN
+from bilora_dist.model.embedded import DEFAULT_EVAL, DEFAULT_TRAIN
 from bilora_dist.errors import UserError
-from bilora_dist.evaluation import choice_task
+from bilora_dist.training.evaluation import choice_task
 from tests_support import ROOT, run_cmd, run_ok, two_ranks
 
 CHAT = {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]}
@@ -115,8 +115,8 @@ def test_killed_run_leaves_no_cache_entry_that_is_read_later(tokenizer, tmp_path
     script = ("import os, signal, pathlib, sys\n"
               "from bilora_dist.data import prepare_examples\n"
               "from bilora_dist.data.tokenize import TokenizeOptions\n"
-              "from bilora_dist.embedded import default_model_dir\n"
-              "from bilora_dist.modeling import load_tokenizer\n"
+              "from bilora_dist.model.embedded import default_model_dir\n"
+              "from bilora_dist.model.loading import load_tokenizer\n"
               "pathlib.Path.rename = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
               "prepare_examples(sys.argv[1], '--data', load_tokenizer(str(default_model_dir())), "
               "TokenizeOptions(64), cache=sys.argv[2])\n")

@@ -14,11 +14,11 @@ import torch
 from deepspeed.runtime.lr_schedules import WarmupDecayLR, WarmupLR
 from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-from bilora_dist.config import TrainConfig, apply_ds_config, parse_config
-from bilora_dist.ds_config import read_ds_config, resolve, unused_keys, unused_line
+from bilora_dist.config.train import TrainConfig, apply_ds_config, parse_config
+from bilora_dist.config.ds_config import read_ds_config, resolve, unused_keys, unused_line
 from bilora_dist.errors import UserError
-from bilora_dist.loop import build_scheduler
-from bilora_dist.methods import build_optimizer
+from bilora_dist.training.loop import build_scheduler
+from bilora_dist.training.methods import build_optimizer
 from bilora_dist.trainer import dry_run
 from tests_support import ROOT, fixture_bank, run_cmd, step_rows, two_ranks
 

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from bilora_dist.data import IGNORE, Example
 from bilora_dist.engines.base import Engine
-from bilora_dist.evaluation import ChoiceTask, evaluate, rank_share
+from bilora_dist.training.evaluation import ChoiceTask, evaluate, rank_share
 from tests_support import random_adapted_model, tiny_llama_config
 
 VOCAB = 61

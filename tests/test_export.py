@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
-from bilora_dist.checkpoint import load_checkpoint, restore_bank
-from bilora_dist.embedded import default_model_dir
+from bilora_dist.checkpoint.store import load_checkpoint, restore_bank
+from bilora_dist.model.embedded import default_model_dir
 from bilora_dist.adapters.bank import Branch
 from bilora_dist.cli import run_cli
-from bilora_dist.export import save_peft_adapter
-from bilora_dist.export_cli import export_main
+from bilora_dist.export.peft import save_peft_adapter
+from bilora_dist.export.cli import export_main
 from tests_support import launcher, run_ok
 
 
@@ -188,7 +188,7 @@ def test_merge_into_a_4bit_base_without_bitsandbytes_is_one_clear_error(q4_base,
 MEASURE = """
 import sys
 from bilora_dist.cli import run_cli
-from bilora_dist.export_cli import export_main
+from bilora_dist.export.cli import export_main
 import transformers, safetensors.torch
 # VmHWM restarts at exec; ru_maxrss would carry the parent's peak over the fork
 peak = lambda: int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
@@ -203,7 +203,7 @@ def test_merge_of_the_default_model_streams(tmp_path):
     """Merging SmolLM2-135M (538 MB fp32) in 64 MB shards adds about one shard plus two copies of the largest
     tensor to peak RSS, far less than the model."""
     model_dir = default_model_dir()
-    from bilora_dist.modeling import build_on_meta
+    from bilora_dist.model.loading import build_on_meta
 
     meta = build_on_meta(str(model_dir))
     names = select_targets(meta, "all-linear")
@@ -264,7 +264,7 @@ def test_moe_adapter_loads_in_peft_with_our_logits(family, tmp_path):
 def test_merged_moe_model_reproduces_the_adapted_model(family, tmp_path):
     """--merged folds s·B_e A_e into each fused expert tensor (read from the per-expert checkpoint keys as
     transformers fuses them; gpt-oss's [E, in, out] transposed): from_pretrained of the result gives our logits."""
-    from bilora_dist.merge import merge_into_base
+    from bilora_dist.export.merge import merge_into_base
     from tests_support import tiny_moe_config
 
     torch.manual_seed(0)

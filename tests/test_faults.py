@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bilora_dist import checkpoint
-from bilora_dist.checkpoint import checkpoint_bytes, list_checkpoints, save_checkpoint, verify
+from bilora_dist.checkpoint import store as checkpoint
+from bilora_dist.checkpoint.store import checkpoint_bytes, list_checkpoints, save_checkpoint, verify
 from bilora_dist.cli import run_cli, train_main
 from bilora_dist.engines.base import Engine
 from bilora_dist.errors import TrainingFault
-from bilora_dist.loss import token_loss_sum
+from bilora_dist.training.loss import token_loss_sum
 from tests_support import checkpoint_fixture, fixture_bank, read_metrics, run_cmd, run_env, run_ok, two_ranks
 
 STEPS = 4
@@ -47,7 +47,7 @@ def _poison(monkeypatch, calls: set[int]) -> None:
     def poisoned(model, batch):
         loss, tokens = token_loss_sum(model, batch)
         return (loss * math.nan if next(count) in calls else loss), tokens
-    monkeypatch.setattr("bilora_dist.methods.token_loss_sum", poisoned)
+    monkeypatch.setattr("bilora_dist.training.methods.token_loss_sum", poisoned)
 
 
 def _one_line(capsys) -> str:

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from bilora_dist.errors import UserError
-from bilora_dist.export_cli import export_main
+from bilora_dist.export.cli import export_main
 from bilora_dist.files import read_json, read_safetensors, read_yaml
-from bilora_dist.metrics import truncate_metrics
+from bilora_dist.training.metrics import truncate_metrics
 from bilora_dist.squeeze.cli import squeeze_main
 from tests_support import error_line
 

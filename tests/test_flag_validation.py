@@ -13,7 +13,7 @@ from dataclasses import fields
 import pytest
 
 from bilora_dist.cli import run_cli, train_main
-from bilora_dist.config import TrainConfig, range_error
+from bilora_dist.config.train import TrainConfig, range_error
 from tests_support import busy_port, ds_config_path, error_line, run_cmd, run_env
 
 NUMERIC = [f for f in fields(TrainConfig) if f.type in ("int", "float", "float | None")]

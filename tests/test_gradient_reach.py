@@ -16,7 +16,7 @@ from bilora_dist.cli import run_cli, train_main
 from bilora_dist.data import collate
 from bilora_dist.engines.base import Engine
 from bilora_dist.errors import UserError
-from bilora_dist.methods import METHOD_STEPS, build_optimizer
+from bilora_dist.training.methods import METHOD_STEPS, build_optimizer
 from tests_support import tiny_llama_config, tiny_moe_config
 
 VOCAB = 96

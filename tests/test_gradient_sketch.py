@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from bilora_dist.gradient_sketch import GradientSketch
+from bilora_dist.training.gradient_sketch import GradientSketch
 
 CPU = torch.device("cpu")
 

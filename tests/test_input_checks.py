@@ -16,10 +16,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BertConfig, GPTNeoXConfig, LlamaConfig, LlamaForCausalLM
 
 from bilora_dist.cli import run_cli, train_main
-from bilora_dist.export_cli import export_main
-from bilora_dist.modeling import LoadOptions, check_causal_lm, load_frozen_model, quantized_linears
+from bilora_dist.export.cli import export_main
+from bilora_dist.model.loading import LoadOptions, check_causal_lm, load_frozen_model, quantized_linears
 from bilora_dist.squeeze.cli import squeeze_main
-from bilora_dist.squeeze.peft_io import read_peft_adapter
+from bilora_dist.export.peft_io import read_peft_adapter
 from tests_support import run_ok, tiny_llama_config, two_ranks
 
 
@@ -189,7 +189,7 @@ TIED_WORKER = """
 import sys
 import torch
 from bilora_dist.engines.fsdp import FSDPEngine
-from bilora_dist.modeling import LoadOptions
+from bilora_dist.model.loading import LoadOptions
 
 engine = FSDPEngine(torch.float32)
 model = engine.build(sys.argv[1], LoadOptions())

@@ -17,8 +17,8 @@ from bilora_dist.adapters.experts import is_experts_module
 from bilora_dist.cli import run_cli, train_main
 from bilora_dist.engines.base import Engine
 from bilora_dist.errors import UserError
-from bilora_dist.kernels import LIGER_PATCHES, KernelChoice, apply_kernels, choose_kernels, compile_blocks
-from bilora_dist.methods import METHOD_STEPS, build_optimizer
+from bilora_dist.model.kernels import LIGER_PATCHES, KernelChoice, apply_kernels, choose_kernels, compile_blocks
+from bilora_dist.training.methods import METHOD_STEPS, build_optimizer
 from tests_support import random_adapted_model, step_rows, tiny_llama_config, tiny_moe_config
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, Pretr
 
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.data import IGNORE, Example, collate
-from bilora_dist.loss import attach_head_loss, token_loss_sum
+from bilora_dist.training.loss import attach_head_loss, token_loss_sum
 from tests_support import random_adapted_model, relative_error, tiny_llama_config
 
 VOCAB = 97

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import BitsAndBytesConfig, LlamaConfig
 
-from bilora_dist.config import parse_config
-from bilora_dist.memory_plan import base_bytes_on_rank, nf4_bytes, quantized_weights
-from bilora_dist.modeling import LoadOptions, build_on_meta
+from bilora_dist.config.train import parse_config
+from bilora_dist.memory.plan import base_bytes_on_rank, nf4_bytes, quantized_weights
+from bilora_dist.model.loading import LoadOptions, build_on_meta
 from bilora_dist.trainer import dry_run
 from tests_support import run_ok
 
@@ -117,7 +117,7 @@ def _plan_both_engines(model: str, world: int) -> tuple[str, dict, dict]:
     """The dry-run header and rank 0's plan under FSDP2 and ZeRO-3 for `model` on `world` ranks, traced once."""
     from dataclasses import replace
 
-    from bilora_dist.planning import build_run_plan
+    from bilora_dist.memory.run_plan import build_run_plan
     from bilora_dist.trainer import describe_layers
 
     run = build_run_plan(parse_config(["--dry-run", "--model", model, "--bf16", "--plan-ranks", str(world),

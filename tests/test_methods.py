@@ -12,8 +12,8 @@ from torch.nn import functional as F
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.data import IGNORE, collate, tokenize
 from bilora_dist.engines.base import Engine
-from bilora_dist.methods import METHOD_STEPS, build_optimizer
-from bilora_dist.modeling import LoadOptions, load_frozen_model
+from bilora_dist.training.methods import METHOD_STEPS, build_optimizer
+from bilora_dist.model.loading import LoadOptions, load_frozen_model
 
 LR, WD, CLIP, S2 = 1e-2, 0.1, 0.05, 1.0
 # Adam's g/(|g| + eps) has slope 1/(4 eps) at |g| = eps: with eps = 1e-8, gradients of order 1e-9 turn
@@ -174,7 +174,7 @@ def test_sam_step_takes_gradient_at_perturbed_point(float64, tiny_model_dir, tok
 def _poisoned(calls: set[int], how: str):
     """token_loss_sum whose loss is NaN (`how` "loss") or finite with a NaN gradient ("gradient") on the given calls
     (0-based, counted over every micro-batch pass)."""
-    from bilora_dist.loss import token_loss_sum
+    from bilora_dist.training.loss import token_loss_sum
     count = iter(range(10**6))
 
     def poisoned(model, batch):
@@ -196,7 +196,7 @@ def test_a_non_finite_step_changes_nothing_and_the_next_step_is_as_if_it_never_c
         model, bank = _setup(tiny_model_dir, method)
         optimizer = _optimizer(bank, LR, WD)
         step = METHOD_STEPS[method](model, bank, optimizer, Engine(), CLIP, *([] if method == "lora" else [0.05]))
-        monkeypatch.setattr("bilora_dist.methods.token_loss_sum", _poisoned(set(calls), how))
+        monkeypatch.setattr("bilora_dist.training.methods.token_loss_sum", _poisoned(set(calls), how))
         stats = [step(batches[k]) for k in steps]
         state = {k: v.clone() for k, v in optimizer.state[bank.primary.flat].items()}
         return stats, [b.flat.detach().clone() for b in bank.branches()], state

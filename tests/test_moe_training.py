@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
-from bilora_dist.checkpoint import load_checkpoint, restore_bank
+from bilora_dist.checkpoint.store import load_checkpoint, restore_bank
 from tests_support import (assert_same_run, assert_trained_close, launcher, read_metrics, run_ok, step_rows,
                            tiny_moe_config)
 

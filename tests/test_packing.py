@@ -12,8 +12,8 @@ import torch
 
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.data import IGNORE, BatchPlan, Example, collate, collate_packed, pack_rows, tokenize
-from bilora_dist.loss import token_loss_sum
-from bilora_dist.modeling import load_frozen_model
+from bilora_dist.training.loss import token_loss_sum
+from bilora_dist.model.loading import load_frozen_model
 from tests_support import relative_error, run_ok, step_rows
 
 IMPLEMENTATIONS = ["sdpa", "eager", "packed"]
@@ -172,7 +172,7 @@ def test_auto_attention_sends_packed_rows_to_the_packed_kernel_where_the_model_a
     from transformers import GptOssConfig, LlamaConfig, MistralConfig
 
     from bilora_dist.errors import UserError
-    from bilora_dist.modeling import resolve_attn_implementation
+    from bilora_dist.model.loading import resolve_attn_implementation
 
     llama, mistral, gpt_oss = LlamaConfig(), MistralConfig(sliding_window=64), GptOssConfig()
     assert resolve_attn_implementation("auto", torch.float32, packing=True, config=llama) == "packed"

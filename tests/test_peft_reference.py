@@ -11,13 +11,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, get_scheduler
 
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
-from bilora_dist.config import parse_config
+from bilora_dist.config.train import parse_config
 from bilora_dist.data import BatchPlan, collate, prepare_examples, tokenize
 from bilora_dist.data.tokenize import TokenizeOptions
 from bilora_dist.engines.base import Engine
-from bilora_dist.export import copy_into_peft, save_peft_adapter
-from bilora_dist.methods import METHOD_STEPS, build_optimizer
-from bilora_dist.modeling import load_frozen_model
+from bilora_dist.export.peft import copy_into_peft, save_peft_adapter
+from bilora_dist.training.methods import METHOD_STEPS, build_optimizer
+from bilora_dist.model.loading import load_frozen_model
 from bilora_dist.trainer import train
 
 

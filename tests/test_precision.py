@@ -12,11 +12,11 @@ from torch.nn import functional as F
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.adapters import layer as layer_module
 from bilora_dist.adapters.product import LowRankProduct, low_rank_product
-from bilora_dist.config import parse_config
+from bilora_dist.config.train import parse_config
 from bilora_dist.data import collate, tokenize
 from bilora_dist.engines.base import Engine
-from bilora_dist.methods import METHOD_STEPS, build_optimizer
-from bilora_dist.modeling import LoadOptions, load_frozen_model
+from bilora_dist.training.methods import METHOD_STEPS, build_optimizer
+from bilora_dist.model.loading import LoadOptions, load_frozen_model
 
 
 def test_low_rank_product_gradients_match_finite_differences():

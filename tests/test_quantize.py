@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
-from bilora_dist.config import parse_config
+from bilora_dist.config.train import parse_config
 from bilora_dist.errors import UserError
 from bilora_dist.engines.nf4 import PackedLinear4bit
-from bilora_dist.modeling import LoadOptions, load_frozen_model
+from bilora_dist.model.loading import LoadOptions, load_frozen_model
 from tests_support import (assert_same_run, launcher, read_metrics, relative_error, run_cmd, run_env, run_ok,
                            tiny_llama_config)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from bilora_dist.cli import run_cli, train_main
-from bilora_dist.config import parse_config
-from bilora_dist.planning import build_run_plan
-from bilora_dist.recompute import HEADROOM, Recompute, choose
+from bilora_dist.config.train import parse_config
+from bilora_dist.memory.run_plan import build_run_plan
+from bilora_dist.memory.recompute import HEADROOM, Recompute, choose
 from tests_support import step_rows
 
 

@@ -18,11 +18,11 @@ import pytest
 import torch
 import yaml
 
-from bilora_dist.checkpoint import (BUDGET, HONOUR, IDENTITY_KEYS, IGNORE, REFUSE, RESUME_POLICY, describe_changes,
+from bilora_dist.checkpoint.store import (BUDGET, HONOUR, IDENTITY_KEYS, IGNORE, REFUSE, RESUME_POLICY, describe_changes,
                                     honoured_changes, list_checkpoints, policy_markdown)
 from bilora_dist.cli import run_cli, train_main
-from bilora_dist.config import TrainConfig, parse_config
-from bilora_dist.preemption import LOCK_NAME
+from bilora_dist.config.train import TrainConfig, parse_config
+from bilora_dist.checkpoint.preemption import LOCK_NAME
 from tests_support import ROOT, launcher, read_metrics, run_env, step_rows, tiny_llama_config
 
 HOST = socket.gethostname()
@@ -63,7 +63,7 @@ def saved(tmp_path_factory, tiny_model_dir, module_data) -> Path:
 
 
 def test_every_setting_has_a_resume_policy():
-    """A new TrainConfig field fails here until RESUME_POLICY (bilora_dist/checkpoint.py) gives it a policy."""
+    """A new TrainConfig field fails here until RESUME_POLICY (bilora_dist/checkpoint/store.py) gives it a policy."""
     assert set(RESUME_POLICY) == {f.name for f in fields(TrainConfig)}
     assert {policy for policy, _ in RESUME_POLICY.values()} == {REFUSE, BUDGET, HONOUR, IGNORE}
 

@@ -1,4 +1,4 @@
-"""Sharpness probe (bilora_dist/sharpness.py): first-order limits against the gradient of a dense merged copy
+"""Sharpness probe (bilora_dist/probe/sharpness.py): first-order limits against the gradient of a dense merged copy
 taken by plain autograd, the ordering of the three probes, exact restoration, and the command line."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from bilora_dist.cli import run_cli
 from bilora_dist.data import IGNORE, prepare_examples
 from bilora_dist.data.tokenize import TokenizeOptions
 from bilora_dist.engines.base import Engine
-from bilora_dist.export import save_peft_adapter
-from bilora_dist.loss import attach_head_loss
-from bilora_dist.sharpness import Probe, lora_adversarial_increases, probe_sharpness, sharpness_main
+from bilora_dist.export.peft import save_peft_adapter
+from bilora_dist.training.loss import attach_head_loss
+from bilora_dist.probe.sharpness import Probe, lora_adversarial_increases, probe_sharpness, sharpness_main
 from tests_support import run_cmd, run_ok, two_ranks
 
 RHOS = [1e-3, 0.05, 0.3]
@@ -47,7 +47,7 @@ def examples(tokenizer, module_data):
 
 
 def adapted_branch(adapter_dir: Path) -> Branch:
-    from bilora_dist.squeeze.peft_io import read_peft_adapter
+    from bilora_dist.export.peft_io import read_peft_adapter
 
     return read_peft_adapter(adapter_dir)[0]
 
@@ -196,6 +196,6 @@ def test_bad_input_is_one_line(argv, message, adapter, capsys):
 
 def test_module_entry_point_reports_an_adapter_without_weights(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
-    proc = run_cmd([sys.executable, "-m", "bilora_dist.sharpness", "--adapter", str(tmp_path), "--data", "x.jsonl"])
+    proc = run_cmd([sys.executable, "-m", "bilora_dist.probe.sharpness", "--adapter", str(tmp_path), "--data", "x.jsonl"])
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "not a PEFT adapter directory" in proc.stderr

@@ -222,7 +222,7 @@ def test_cli_squeezed_adapter_loads_in_peft_with_the_truncated_delta(tiny_model_
 def test_cli_extracts_a_lora_from_a_full_finetune(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from bilora_dist.squeeze.peft_io import read_peft_adapter
+    from bilora_dist.export.peft_io import read_peft_adapter
 
     gen = torch.Generator().manual_seed(5)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -289,7 +289,7 @@ def test_bad_schedules_are_refused_with_one_line(spec, message):
 def test_training_with_a_squeeze_exports_the_compressed_rank(tiny_model_dir, small_data, tmp_path, optimizer_state):
     from peft import LoraConfig
 
-    from bilora_dist.config import parse_config
+    from bilora_dist.config.train import parse_config
     from bilora_dist.trainer import train
 
     out = tmp_path / "run"
@@ -381,8 +381,8 @@ def test_cli_squeezes_a_peft_moe_adapter(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
-    from bilora_dist.export import save_peft_adapter
-    from bilora_dist.squeeze.peft_io import read_peft_adapter
+    from bilora_dist.export.peft import save_peft_adapter
+    from bilora_dist.export.peft_io import read_peft_adapter
     from tests_support import tiny_moe_config
 
     torch.manual_seed(0)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
-from bilora_dist.config import TrainConfig
+from bilora_dist.config.train import TrainConfig
 from bilora_dist.data import collate, tokenize
 from bilora_dist.engines.base import Engine
-from bilora_dist.methods import METHOD_STEPS, BiLoRAStep, LoRAStep, StepStats, build_optimizer, register_method
-from bilora_dist.modeling import load_frozen_model
+from bilora_dist.training.methods import METHOD_STEPS, BiLoRAStep, LoRAStep, StepStats, build_optimizer, register_method
+from bilora_dist.model.loading import load_frozen_model
 from bilora_dist.squeeze.schedule import apply_rank_change
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bilora_dist"
@@ -82,11 +82,11 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_import_graph_is_acyclic():
     graph = _import_graph()
-    assert "bilora_dist.config" in graph["bilora_dist.cli"] and "bilora_dist.trainer" in graph["bilora_dist.cli"]
+    assert "bilora_dist.config.train" in graph["bilora_dist.cli"] and "bilora_dist.trainer" in graph["bilora_dist.cli"]
     assert _cycle({"a": {"b"}, "b": {"a"}}) is not None  # the check sees a cycle when there is one
     assert _cycle(graph) is None
     # configuration never reaches up to the command line or down to the recipe
-    assert not graph["bilora_dist.config"] & {"bilora_dist.cli", "bilora_dist.trainer", "bilora_dist.loop"}
+    assert not graph["bilora_dist.config.train"] & {"bilora_dist.cli", "bilora_dist.trainer", "bilora_dist.training.loop"}
 
 
 # --- rank changes, per-pass state, ascent and registration on a tiny model ---

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from bilora_dist.adapters import build_bank, layer_shapes, select_targets
-from bilora_dist.export import save_peft_adapter
+from bilora_dist.export.peft import save_peft_adapter
 from tests_support import run_cmd, run_ok, tiny_moe_config
 
 EXPERT_NAMES = {"qwen3_moe": ("mlp.experts", "gate_proj", "up_proj", "down_proj"),

@@ -19,7 +19,7 @@ from transformers import (AutoModelForCausalLM, DeepseekV3Config, GptOssConfig, 
 
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.adapters.bank import AdapterBank, Branch, LayerShape
-from bilora_dist.checkpoint import save_checkpoint
+from bilora_dist.checkpoint.store import save_checkpoint
 from bilora_dist.cli import run_cli, train_main
 from bilora_dist.engines.base import Engine
 

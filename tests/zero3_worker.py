@@ -33,12 +33,12 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
 from bilora_dist.adapters.experts import is_experts_module
-from bilora_dist.config import parse_config
+from bilora_dist.config.train import parse_config
 from bilora_dist.data import Example, collate
 from bilora_dist.engines import make_engine
-from bilora_dist.loss import attach_head_loss, token_loss_sum
-from bilora_dist.methods import build_optimizer
-from bilora_dist.modeling import LoadOptions
+from bilora_dist.training.loss import attach_head_loss, token_loss_sum
+from bilora_dist.training.methods import build_optimizer
+from bilora_dist.model.loading import LoadOptions
 from memory_worker import MARK, alive_curve, resident_bytes
 
 STEPS = 2

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from bilora_dist.adapters.product import low_rank_product
 
 if TYPE_CHECKING:
-    from bilora_dist.gradient_sketch import GradientSketch
+    from bilora_dist.training.gradient_sketch import GradientSketch
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from bilora_dist.data.batching import IGNORE
 from bilora_dist.data.formats import detect_format, record_error
 from bilora_dist.data.source import Source, locate, quiet_datasets
 from bilora_dist.data.tokenize import TokenizeOptions, tokenize_record
-from bilora_dist.embedded import cache_dir
+from bilora_dist.model.embedded import cache_dir
 from bilora_dist.engines.base import Engine
 from bilora_dist.files import hash_bytes
 from bilora_dist.errors import UserError

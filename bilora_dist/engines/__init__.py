@@ -36,7 +36,7 @@ def check_quantized_zero(quantize: str, stage: int) -> None:
 
 def make_engine(cfg: Any) -> Engine:
     """The engine for a TrainConfig, joining the process group the launcher set up."""
-    from bilora_dist.ds_config import DEFAULT_ZERO3, read_ds_config
+    from bilora_dist.config.ds_config import DEFAULT_ZERO3, read_ds_config
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     name = resolve_engine_name(cfg.engine, cfg.ds_config, world)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bilora_dist.modeling import LoadOptions, load_frozen_model
+from bilora_dist.model.loading import LoadOptions, load_frozen_model
 
 
 class Engine:

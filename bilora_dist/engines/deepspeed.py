@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bilora_dist.ds_config import hidden_size_of, resolve, unused_line
+from bilora_dist.config.ds_config import hidden_size_of, resolve, unused_line
 from bilora_dist.engines.distributed import DataParallelEngine, init_process_group, single_process_defaults
-from bilora_dist.modeling import LoadOptions, load_config, load_frozen_model
+from bilora_dist.model.loading import LoadOptions, load_config, load_frozen_model
 
 # DeepSpeedZeRoOffload's parameter-partitioning options, under DeepSpeedZeroConfig's field names
 _PARTITIONING = ("param_persistence_threshold", "model_persistence_threshold", "prefetch_bucket_size",

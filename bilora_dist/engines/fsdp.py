@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from bilora_dist.engines.distributed import DataParallelEngine
 from bilora_dist.engines.nf4 import PackedLinear4bit, pack_linear_layers
 from bilora_dist.errors import UserError
-from bilora_dist.modeling import CheckpointSource, LoadOptions, build_on_meta, checkpoint_sources, safetensors_index, shard_units
+from bilora_dist.model.loading import CheckpointSource, LoadOptions, build_on_meta, checkpoint_sources, safetensors_index, shard_units
 
 
 class FSDPEngine(DataParallelEngine):

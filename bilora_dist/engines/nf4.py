@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from bilora_dist.modeling import NF4_BLOCK, check_4bit_layer, quantized_linears
+from bilora_dist.model.loading import NF4_BLOCK, check_4bit_layer, quantized_linears
 
 
 class PackedLinear4bit(nn.Linear):

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 from bilora_dist.errors import OneLineParser, UserError
-from bilora_dist.export import PROVENANCE_FILE, save_peft_adapter
+from bilora_dist.export.peft import PROVENANCE_FILE, save_peft_adapter
 from bilora_dist.files import read_json
 from bilora_dist.squeeze.branch import kept_energy_summary, squeeze_branch
-from bilora_dist.squeeze.peft_io import extract_lora_from_delta, read_peft_adapter
+from bilora_dist.export.peft_io import extract_lora_from_delta, read_peft_adapter
 
 DELTA_TARGETS = r"\.layers\.\d+\..*(proj|fc\d?|dense|query|key|value)$"
 

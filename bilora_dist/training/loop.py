@@ -23,15 +23,15 @@ from transformers import get_scheduler
 from transformers.utils.generic import is_flash_attention_requested
 
 from bilora_dist.adapters.bank import AdapterBank
-from bilora_dist.checkpoint import Checkpoint, checkpoints_dir, list_checkpoints, save_checkpoint, set_rng_state
-from bilora_dist.config import TrainConfig
+from bilora_dist.checkpoint.store import Checkpoint, checkpoints_dir, list_checkpoints, save_checkpoint, set_rng_state
+from bilora_dist.config.train import TrainConfig
 from bilora_dist.data import BatchPlan, collate, collate_packed, ids_and_labels, to_device
 from bilora_dist.engines import Engine
 from bilora_dist.errors import TrainingFault
-from bilora_dist.evaluation import ChoiceTask, evaluate
-from bilora_dist.methods import METHOD_STEPS, StepStats, build_optimizer
-from bilora_dist.metrics import MetricsLog
-from bilora_dist.preemption import StopRequest
+from bilora_dist.training.evaluation import ChoiceTask, evaluate
+from bilora_dist.training.methods import METHOD_STEPS, StepStats, build_optimizer
+from bilora_dist.training.metrics import MetricsLog
+from bilora_dist.checkpoint.preemption import StopRequest
 from bilora_dist.squeeze.branch import kept_energy_summary
 from bilora_dist.squeeze.schedule import SqueezeSchedule, apply_rank_change
 

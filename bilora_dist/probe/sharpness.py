@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from bilora_dist.adapters.bank import AdapterBank, Branch, GradBucket, LayerShape
 from bilora_dist.engines.base import Engine
 from bilora_dist.errors import OneLineParser, UserError
-from bilora_dist.evaluation import evaluate, held_out_batches
-from bilora_dist.loss import token_loss_sum
+from bilora_dist.training.evaluation import evaluate, held_out_batches
+from bilora_dist.training.loss import token_loss_sum
 
 DEFAULT_RHOS = "0.01,0.05,0.1"
 
@@ -347,9 +347,9 @@ def _check_args(args: argparse.Namespace) -> tuple[list[float], tuple[str, ...]]
 def load_adapted(args: argparse.Namespace, base_model: str, loaded: Branch):
     """(engine, model directory, base model with the adapter hooked in and wrapped, its bank, data), through the
     trainer's stages: the bank built over the adapter's layers gets the adapter's factors before wrapping."""
-    from bilora_dist.config import TrainConfig, validate
+    from bilora_dist.config.train import TrainConfig, validate
     from bilora_dist.engines import make_engine
-    from bilora_dist.recompute import Recompute
+    from bilora_dist.memory.recompute import Recompute
     from bilora_dist.trainer import attach_and_wrap, build_model_and_adapters, prepare_data, resolve_model_once
 
     cfg = TrainConfig(model=base_model, data=args.data, eval_data=args.data, data_format=args.data_format,
@@ -389,8 +389,8 @@ def _adapter_branch(loaded: Branch, bank: AdapterBank, adapter: Path, model: str
 def sharpness_main(argv: list[str]) -> None:
     from transformers.utils import logging as hf_logging
 
-    from bilora_dist.loop import say
-    from bilora_dist.squeeze.peft_io import read_peft_adapter
+    from bilora_dist.training.loop import say
+    from bilora_dist.export.peft_io import read_peft_adapter
 
     args = build_parser().parse_args(argv)
     rhos, measures = _check_args(args)

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from bilora_dist.activations import ActivationTrace
-from bilora_dist.modeling import NF4_BLOCK, NF4_NESTED_BLOCK, quantized_linears, shard_units
+from bilora_dist.memory.activations import ActivationTrace
+from bilora_dist.model.loading import NF4_BLOCK, NF4_NESTED_BLOCK, quantized_linears, shard_units
 
 ADAPTER_BYTES = 4  # adapters, their gradients and optimizer moments are fp32 whatever the base dtype
 DEFAULT_PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's stage3_param_persistence_threshold default

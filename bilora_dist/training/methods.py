@@ -27,14 +27,14 @@ import torch
 from torch import Tensor, nn
 
 from bilora_dist.adapters.bank import AdapterBank
-from bilora_dist.aux_ascent import (AuxVariant, clean_loss, diagnostics, normalized_ascent, reachable_spectra,
+from bilora_dist.training.aux_ascent import (AuxVariant, clean_loss, diagnostics, normalized_ascent, reachable_spectra,
                                    refresh)
 from bilora_dist.engines.base import Engine
 from bilora_dist.errors import UserError
-from bilora_dist.loss import token_loss_sum
+from bilora_dist.training.loss import token_loss_sum
 
 if TYPE_CHECKING:
-    from bilora_dist.config import TrainConfig
+    from bilora_dist.config.train import TrainConfig
 
 
 @dataclass

@@ -8,16 +8,16 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from bilora_dist.activations import ActivationTrace, meta_bank, trace_activations
+from bilora_dist.memory.activations import ActivationTrace, meta_bank, trace_activations
 from bilora_dist.adapters import layer_shapes, select_targets
 from bilora_dist.adapters.bank import LayerShape
 from bilora_dist.adapters.inject import check_rank
-from bilora_dist.config import TrainConfig
+from bilora_dist.config.train import TrainConfig
 from bilora_dist.engines import check_quantized_zero, resolve_engine_name
 from bilora_dist.errors import UserError
-from bilora_dist.memory_plan import (DEFAULT_MAX_LIVE, DEFAULT_PERSISTENCE_THRESHOLD, DEFAULT_PREFETCH_BUCKET,
+from bilora_dist.memory.plan import (DEFAULT_MAX_LIVE, DEFAULT_PERSISTENCE_THRESHOLD, DEFAULT_PREFETCH_BUCKET,
                                      DEFAULT_REUSE_DISTANCE, RankPlan, micro_batch_transients, plan_memory)
-from bilora_dist.modeling import LoadOptions, build_on_meta, resolve_model
+from bilora_dist.model.loading import LoadOptions, build_on_meta, resolve_model
 
 
 @dataclass
@@ -55,7 +55,7 @@ class RunPlan:
 
 def build_run_plan(cfg: TrainConfig, world: int) -> RunPlan:
     """The plan of `cfg` on `world` ranks; its engine as the run would resolve it."""
-    from bilora_dist.ds_config import DEFAULT_ZERO3, hidden_size_of, read_ds_config, resolve
+    from bilora_dist.config.ds_config import DEFAULT_ZERO3, hidden_size_of, read_ds_config, resolve
 
     name = resolve_engine_name(cfg.engine, cfg.ds_config, world)
     if name == "single" and world > 1:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from bilora_dist.adapters.bank import Branch
 from bilora_dist.errors import UserError
 from bilora_dist.files import read_json
-from bilora_dist.modeling import (NF4_BLOCK, CheckpointSource, build_on_meta, checkpoint_sources, quantized_linears,
+from bilora_dist.model.loading import (NF4_BLOCK, CheckpointSource, build_on_meta, checkpoint_sources, quantized_linears,
                                   safetensors_index)
 
 DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,

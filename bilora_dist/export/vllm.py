@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from bilora_dist.adapters.bank import Branch
 from bilora_dist.errors import UserError
-from bilora_dist.export import peft_config, peft_state_dict, write_adapter_directory
+from bilora_dist.export.peft import peft_config, peft_state_dict, write_adapter_directory
 
 THREE_D_FAMILIES = ("gpt_oss", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_vl_moe", "qwen3_omni_moe")
 _MIXTRAL_NAMES = {"gate": "w1", "up": "w3", "down": "w2"}

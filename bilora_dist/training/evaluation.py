@@ -12,7 +12,7 @@ from torch import nn
 from bilora_dist.adapters.bank import AdapterBank
 from bilora_dist.data import IGNORE, Example, Prepared, collate, ids_and_labels, to_device
 from bilora_dist.engines.base import Engine
-from bilora_dist.loss import token_loss_sum
+from bilora_dist.training.loss import token_loss_sum
 
 MAX_CHOICES = 64
 

@@ -24,12 +24,12 @@ from torch import Tensor, nn
 from bilora_dist.adapters.bank import AdapterBank, Branch
 from bilora_dist.engines.base import Engine
 from bilora_dist.errors import UserError
-from bilora_dist.gradient_sketch import GradientSketch
-from bilora_dist.loss import token_loss_sum
+from bilora_dist.training.gradient_sketch import GradientSketch
+from bilora_dist.training.loss import token_loss_sum
 from bilora_dist.squeeze.branch import assign_layers
 
 if TYPE_CHECKING:
-    from bilora_dist.config import TrainConfig
+    from bilora_dist.config.train import TrainConfig
 
 
 @dataclass(frozen=True)

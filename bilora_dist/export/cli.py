@@ -14,16 +14,16 @@ import yaml
 
 from bilora_dist.adapters.bank import Branch
 from bilora_dist.adapters.inject import peft_target_modules
-from bilora_dist.checkpoint import MANIFEST, checkpoints_dir, find_checkpoint, load_checkpoint, verify
-from bilora_dist.config import parse_size
+from bilora_dist.checkpoint.store import MANIFEST, checkpoints_dir, find_checkpoint, load_checkpoint, verify
+from bilora_dist.config.train import parse_size
 from bilora_dist.errors import OneLineParser, UserError
-from bilora_dist.export import PROVENANCE_FILE, save_peft_adapter
+from bilora_dist.export.peft import PROVENANCE_FILE, save_peft_adapter
 from bilora_dist.files import read_json
-from bilora_dist.merge import merge_into_base
-from bilora_dist.modeling import build_on_meta, resolve_model, safetensors_index
+from bilora_dist.export.merge import merge_into_base
+from bilora_dist.model.loading import build_on_meta, resolve_model, safetensors_index
 from bilora_dist.squeeze.branch import kept_energy_summary, squeeze_branch
-from bilora_dist.squeeze.peft_io import read_peft_adapter
-from bilora_dist.vllm_export import save_vllm_adapter
+from bilora_dist.export.peft_io import read_peft_adapter
+from bilora_dist.export.vllm import save_vllm_adapter
 
 
 @dataclass

@@ -17,8 +17,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from bilora_dist import embedded
-from bilora_dist.attention import PACKED, packed_supported
+from bilora_dist.model import embedded
+from bilora_dist.model.attention import PACKED, packed_supported
 from bilora_dist.errors import UserError
 
 

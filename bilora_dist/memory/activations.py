@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from bilora_dist.adapters import inject
 from bilora_dist.adapters.bank import AdapterBank, Branch, LayerShape
 from bilora_dist.adapters.layer import LowRankUpdate
-from bilora_dist.modeling import decoder_blocks
+from bilora_dist.model.loading import decoder_blocks
 
 META = torch.device("meta")
 

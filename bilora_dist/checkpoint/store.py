@@ -35,7 +35,7 @@ from bilora_dist.adapters.bank import AdapterBank, Branch, LayerShape
 from bilora_dist.engines.base import Engine
 from bilora_dist.errors import TrainingFault, UserError
 from bilora_dist.files import hash_bytes
-from bilora_dist.export import publish_directory
+from bilora_dist.export.peft import publish_directory
 
 FORMAT = 1
 MANIFEST = "manifest.json"

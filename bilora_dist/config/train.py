@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import yaml
 
-from bilora_dist.ds_config import ds_updates, read_ds_config
+from bilora_dist.config.ds_config import ds_updates, read_ds_config
 from bilora_dist.errors import OneLineParser, UserError, unknown_key_message
 
 METHODS = ("lora", "bilora", "lora-sam")

@@ -25,7 +25,7 @@ from torch import nn
 
 from bilora_dist.adapters.bank import LayerShape
 from bilora_dist.errors import UserError
-from bilora_dist.modeling import decoder_blocks
+from bilora_dist.model.loading import decoder_blocks
 
 KERNELS = ("auto", "liger", "none")
 LIGER_PATCHES = ("rms_norm", "rope", "swiglu")  # the Liger flags a run may set (its losses: never)

@@ -14,7 +14,7 @@ from bilora_dist.adapters.bank import Branch, LayerShape
 from bilora_dist.adapters.experts import PROJECTIONS
 from bilora_dist.errors import UserError
 from bilora_dist.files import read_json, read_safetensors
-from bilora_dist.modeling import safetensors_index
+from bilora_dist.model.loading import safetensors_index
 from bilora_dist.squeeze.operator import balanced_factors, randomized_svd
 
 _KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")

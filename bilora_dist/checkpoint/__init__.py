@@ -1,0 +1,1 @@
+"""Resumable checkpoints, pre-emption and the output directory's lock."""

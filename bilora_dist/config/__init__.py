@@ -1,0 +1,1 @@
+"""Configuration: the training flags and YAML, and users' DeepSpeed JSON configs."""

@@ -1,0 +1,1 @@
+"""Writing adapters (PEFT, vLLM) and merged models, and the export command."""

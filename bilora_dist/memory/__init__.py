@@ -1,0 +1,1 @@
+"""The per-rank memory plan, the activation trace and the recompute choice."""

@@ -1,0 +1,1 @@
+"""The frozen base: loading (+ 4-bit), the embedded default, attention and kernels."""

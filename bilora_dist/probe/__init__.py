@@ -1,0 +1,1 @@
+"""The sharpness probe of a trained adapter."""

@@ -1,0 +1,1 @@
+"""The loop, each method's step, the loss, evaluation and metrics."""
