@@ -69,3 +69,48 @@ def test_a_metrics_row_cut_off_by_a_killed_run_is_dropped_on_resume(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
     truncate_metrics(tmp_path, 2)
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0}\n{"step": 1}\n{"step": 2}\n'
+
+
+# ---- atomic_directory: every directory writer's one way to publish
+
+
+def _write(final: Path, text: str, exists: str = "error") -> None:
+    from bilora_dist.files import atomic_directory
+
+    before = (final / "a.txt").read_text() if final.exists() else None
+    with atomic_directory(final, exists) as tmp:  # type: ignore[arg-type]
+        assert tmp.parent == final.parent and tmp.name.startswith(f".tmp-{final.name}-")
+        (tmp / "a.txt").write_text(text)
+        assert (final / "a.txt").read_text() == before if before else not final.exists()  # untouched until the end
+
+
+def test_atomic_directory_publishes_whole_or_leaves_nothing(tmp_path):
+    from bilora_dist.files import atomic_directory
+
+    final = tmp_path / "sub" / "out"
+    _write(final, "one")
+    assert (final / "a.txt").read_text() == "one" and sorted(p.name for p in final.parent.iterdir()) == ["out"]
+    with pytest.raises(RuntimeError, match="mid-write"):
+        with atomic_directory(tmp_path / "failed") as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("mid-write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]  # the failed write left no temporary directory
+
+
+def test_atomic_directory_policies_for_an_existing_directory(tmp_path):
+    final = tmp_path / "out"
+    _write(final, "first")
+    _write(final, "second", "replace")
+    assert (final / "a.txt").read_text() == "second"
+    _write(final, "third", "keep")  # another process published the same entry first: ours is dropped
+    assert (final / "a.txt").read_text() == "second"
+    with pytest.raises(OSError):
+        _write(final, "fourth", "error")
+    assert (final / "a.txt").read_text() == "second" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_directory_sets_the_mode_a_shared_cache_needs(tmp_path):
+    from bilora_dist.files import atomic_directory
+
+    with atomic_directory(tmp_path / "entry", mode=0o755) as tmp:
+        assert tmp.stat().st_mode & 0o777 == 0o755

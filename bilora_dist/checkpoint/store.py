@@ -21,7 +21,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,8 +33,7 @@ from safetensors.torch import save_file
 from bilora_dist.adapters.bank import AdapterBank, Branch, LayerShape
 from bilora_dist.engines.base import Engine
 from bilora_dist.errors import TrainingFault, UserError
-from bilora_dist.files import hash_bytes
-from bilora_dist.export.peft import publish_directory
+from bilora_dist.files import atomic_directory, hash_bytes
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -230,14 +228,12 @@ def _write(root: Path, final: Path, bank: AdapterBank, optimizer: torch.optim.Op
         if free < needed * 1.05 + 2**20:
             return (f"cannot save {final}: it needs {needed / 2**20:.1f} MiB and {root} has {free / 2**20:.1f} MiB "
                     f"free; {kept}; {advice}")
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
     except OSError as exc:
         return f"cannot save {final}: {exc.strerror or exc}; {kept}; {advice}"
-    try:
-        write_files(tmp)
-        publish_directory(tmp, final)  # the same step saved again (a resumed run) is replaced only once whole
+    try:  # the same step saved again (a resumed run) is replaced only once whole
+        with atomic_directory(final, exists="replace") as tmp:
+            write_files(tmp)
     except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save and safetensors word ENOSPC their own way
-        shutil.rmtree(tmp, ignore_errors=True)
         reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[-1]
         return f"cannot save {final}: the write failed ({reason}); {kept}; {advice}"
     return None

@@ -33,7 +33,7 @@ from bilora_dist.data.source import Source, locate, quiet_datasets
 from bilora_dist.data.tokenize import TokenizeOptions, tokenize_record
 from bilora_dist.model.embedded import cache_dir
 from bilora_dist.engines.base import Engine
-from bilora_dist.files import hash_bytes
+from bilora_dist.files import atomic_directory, hash_bytes
 from bilora_dist.errors import UserError
 
 TOKEN_COLUMNS = ["input_ids", "labels"]
@@ -127,10 +127,7 @@ def _entry(spec: str, flag: str, tokenizer: Any, options: TokenizeOptions, fmt: 
         except OSError:  # another process moved it first
             pass
         shutil.rmtree(stale, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{key}-"))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the entry from other users of a shared cache
-    try:
+    with atomic_directory(entry, exists="keep", mode=0o755) as tmp:  # 0755: a shared cache's other users read it
         ds, fmt_used, n, seconds = _tokenize(source, flag, tokenizer, options, fmt, workers, tmp / "work")
         with quiet_datasets():
             ds.save_to_disk(str(tmp / "dataset"))
@@ -139,13 +136,6 @@ def _entry(spec: str, flag: str, tokenizer: Any, options: TokenizeOptions, fmt: 
         shutil.rmtree(tmp / "work")
         meta["sha256"] = entry_digest(tmp)
         (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            tmp.rename(entry)
-        except OSError:  # another process finished the same entry first
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"{flag} {spec}: {n} {fmt_used} records -> {meta['examples']} examples, tokenized with "
         f"{_num_workers(workers, n)} worker(s) in {seconds:.1f}s; cached in {entry}")
     return entry

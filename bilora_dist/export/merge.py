@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from tqdm import tqdm
 
 from bilora_dist.adapters.bank import Branch
 from bilora_dist.errors import UserError
-from bilora_dist.files import read_json
+from bilora_dist.files import atomic_directory, read_json
 from bilora_dist.model.loading import (NF4_BLOCK, CheckpointSource, build_on_meta, checkpoint_sources, quantized_linears,
                                   safetensors_index)
 
@@ -191,9 +190,7 @@ def merge_into_base(model_dir: Path, branch: Branch, out_dir: Path, shard_bytes:
     if missing:
         raise UserError(f"--merged: the adapter adapts {missing[0]}, which {model_dir} has no weight for")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
+    with atomic_directory(out_dir) as tmp:
         writer = _ShardWriter(tmp, shard_bytes)
         order = sorted(sources, key=lambda k: (str(sources[k]), k))
         with torch.no_grad():
@@ -215,8 +212,4 @@ def merge_into_base(model_dir: Path, branch: Branch, out_dir: Path, shard_bytes:
                 writer.add(name, _merged_experts(meta, name, source, branch, experts[name], writer))
         total = writer.close()
         _write_other_files(model_dir, tmp, untie=head_key in layers, dequantised=bool(quantized))
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"tensors": len(order) + len(fused), "merged_layers": len(layers) + len(fused), "shards": len(writer.shards), "bytes": total}

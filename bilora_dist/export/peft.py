@@ -9,8 +9,6 @@ of one experts module are nested wrappers, the first in the module's parameter o
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from torch import Tensor
 
 from bilora_dist.adapters.bank import Branch
 from bilora_dist.adapters.experts import PROJECTIONS
+from bilora_dist.files import atomic_directory
 
 PROVENANCE_FILE = "bilora_dist.json"
 
@@ -100,23 +99,7 @@ def write_adapter_directory(tensors: dict[str, Tensor], config: dict[str, Any], 
                             out_dir: Path) -> None:
     """Write adapter_config.json, adapter_model.safetensors and our own bilora_dist.json atomically:
     the directory appears complete or not at all, and an existing one is replaced only once the new one is."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
-    publish_directory(tmp, out_dir)
-
-
-def publish_directory(tmp: Path, final: Path) -> None:
-    """Move the finished directory `tmp` to `final`; an existing `final` is swapped out only once `tmp` is
-    complete, and removed after the rename."""
-    if final.exists():
-        old = final.with_name(f".{final.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
+    with atomic_directory(Path(out_dir), exists="replace") as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from bilora_dist.errors import UserError
+from bilora_dist.files import atomic_directory
 
 ASSETS = Path(__file__).parents[1] / "assets"
 DEFAULT_TRAIN = ASSETS / "wordnet_supersense" / "train.jsonl"
@@ -35,12 +34,7 @@ def default_model_dir() -> Path:
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE)
     model.hf_quantizer = None  # weights are dequantised to fp32 on load; save them as a plain model
     model.config.__dict__.pop("quantization_config", None)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_directory(target, exists="keep") as tmp:  # another process may convert it at the same time
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
