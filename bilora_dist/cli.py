@@ -1,12 +1,15 @@
-"""Command-line entry points: user mistakes become one line on stderr and exit status 2, faults a run stops on
-(TrainingFault) one line and exit status 1."""
+"""The `bilora-dist` command (also `python -m bilora_dist`): one subcommand per job, each with its own --help.
+User mistakes become one line on stderr and exit status 2, faults a run stops on (TrainingFault) one line and
+exit status 1."""
 
 from __future__ import annotations
 
 import ctypes
+import importlib
 import logging
 import os
 import sys
+import argparse
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -77,3 +80,132 @@ def train_main(argv: list[str]) -> None:
         print(dry_run(cfg))
     else:
         train(cfg)
+
+
+def plan_main(argv: list[str]) -> None:
+    """`bilora-dist plan FLAGS`: `bilora-dist train FLAGS --dry-run`."""
+    if {"-h", "--help"} & set(argv):
+        print(f"usage: bilora-dist plan [flags of bilora-dist train]\n\n{COMMANDS['plan'].summary}. It takes every "
+              "flag of `bilora-dist train` (see `bilora-dist train --help`) and is `bilora-dist train ... --dry-run`.")
+        return
+    train_main([*argv, "--dry-run"])
+
+
+class Command:
+    """A subcommand: its entry point and parser factory as `module:function` (imported only when used), and
+    the one line `bilora-dist --help` shows for it."""
+
+    def __init__(self, main: str, parser: str | None, summary: str):
+        self.main_path, self.parser_path, self.summary = main, parser, summary
+
+    @staticmethod
+    def _load(path: str) -> Callable:
+        module, name = path.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def main(self) -> Callable[[list[str]], object]:
+        return self._load(self.main_path)
+
+    def parser(self) -> argparse.ArgumentParser | None:
+        return self._load(self.parser_path)() if self.parser_path else None
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("bilora_dist.cli:train_main", "bilora_dist.config.train:build_parser",
+                     "fine-tune with lora, bilora or lora-sam (flags, a YAML --config, a DeepSpeed --ds_config)"),
+    "plan": Command("bilora_dist.cli:plan_main", None,
+                    "print a run's per-rank memory plan from its model's config alone (no weights, no data)"),
+    "export": Command("bilora_dist.export.cli:export_main", "bilora_dist.export.cli:build_parser",
+                      "write a PEFT or vLLM adapter, a squeezed adapter or a merged model from a run"),
+    "squeeze": Command("bilora_dist.squeeze.cli:squeeze_main", "bilora_dist.squeeze.cli:build_parser",
+                       "compress a PEFT LoRA adapter to a lower rank, or extract one from a full fine-tune"),
+    "probe": Command("bilora_dist.probe.sharpness:sharpness_main", "bilora_dist.probe.sharpness:build_parser",
+                     "measure how far an adapted model's held-out loss rises under weight perturbations"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items()]
+    return ("usage: bilora-dist COMMAND [flags]   (python -m bilora_dist COMMAND is the same)\n\n"
+            "Bi-LoRA and LoRA-Squeeze fine-tuning of causal language models, single process or sharded.\n\n"
+            "commands:\n" + "\n".join(lines) + "\n\n`bilora-dist COMMAND --help` lists a command's flags.")
+
+
+def main(argv: list[str]) -> None:
+    """Dispatch to a subcommand. A launcher's `--local_rank=N` (deepspeed puts it ahead of every argument of
+    `deepspeed --module bilora_dist train ...`) is passed on to the subcommand."""
+    launcher = [a for a in argv if a.startswith(("--local_rank", "--local-rank"))][:1]
+    rest = [a for a in argv if a not in launcher]
+    if not rest or rest[0] in ("-h", "--help"):
+        print(usage())
+        if not rest:
+            raise UserError("no command given: one of " + ", ".join(COMMANDS))
+        return
+    if rest[0] == "--version":
+        from bilora_dist import __version__
+        print(f"bilora-dist {__version__}")
+        return
+    if rest[0] not in COMMANDS:
+        from bilora_dist.errors import unknown_key_message
+        raise UserError(f"{unknown_key_message(rest[0], list(COMMANDS)).replace('key', 'command')}: one of "
+                        + ", ".join(COMMANDS))
+    COMMANDS[rest[0]].main()([*rest[1:], *launcher])
+
+
+def console_main() -> NoReturn:
+    """The `bilora-dist` console script."""
+    exit_process(run_cli(main))
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _train_rows() -> list[str]:
+    """One row per TrainConfig field, from the field's own metadata: flag, default, allowed values, help."""
+    from dataclasses import MISSING, fields
+
+    from bilora_dist.config.train import TrainConfig
+
+    rows = []
+    for f in fields(TrainConfig):
+        default = "" if f.default is MISSING or f.default in ("", None, False) else f"`{f.default}`"
+        allowed = ", ".join(f"`{c}`" for c in f.metadata["choices"]) if "choices" in f.metadata else (
+            "flag" if f.type == "bool" else f.type.replace(" | None", ""))
+        bounds = " ".join(f"{op} {f.metadata[key]}" for key, op in
+                          (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤")) if key in f.metadata)
+        flag = f"--{f.name.replace('_', '-')}"
+        rows.append(f"| `{flag}` | {default} | {allowed}{' ' + bounds if bounds else ''} | {_cell(f.metadata['help'])} |")
+    return rows
+
+
+def _parser_rows(parser: argparse.ArgumentParser) -> list[str]:
+    rows = []
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or not action.option_strings or "--help" in action.option_strings:
+            continue
+        default = "" if action.default in (None, False, argparse.SUPPRESS) else f"`{action.default}`"
+        allowed = ", ".join(f"`{c}`" for c in action.choices) if action.choices else (
+            "flag" if action.nargs == 0 else (action.metavar and " ".join(action.metavar)) or
+            getattr(action.type, "__name__", "str"))
+        required = " (required)" if action.required else ""
+        rows.append(f"| `{', '.join(action.option_strings)}` | {default} | {allowed} | "
+                    f"{_cell(action.help)}{required} |")
+    return rows
+
+
+def reference_markdown() -> str:
+    """docs/cli.md: every command and flag, from the parsers and TrainConfig's field metadata."""
+    out = ["# Command reference", "",
+           "Generated by `python scripts/cli_docs.py` from the parsers and the training configuration's own "
+           "metadata; a test checks that it matches `--help`. Every `bilora-dist train` flag is also a YAML key "
+           "(`--foo-bar` is `foo_bar`) of a `--config` file.", "", "```", usage(), "```"]
+    for name, command in COMMANDS.items():
+        out += ["", f"## bilora-dist {name}", "", command.summary + ".", ""]
+        if name == "plan":
+            out.append("Takes every flag of `bilora-dist train` and is `bilora-dist train ... --dry-run`.")
+            continue
+        rows = _train_rows() if name == "train" else _parser_rows(command.parser())
+        out += ["| flag | default | values | meaning |", "|---|---|---|---|", *rows]
+    return "\n".join(out) + "\n"

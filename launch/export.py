@@ -1,4 +1,4 @@
-"""Export a trained adapter: python launch/export.py --checkpoint DIR --out DIR [--rank K] [--merged]."""
+"""`bilora-dist export` as a script: python launch/export.py --checkpoint DIR --out DIR [--rank K] [--merged]."""
 
 import sys
 

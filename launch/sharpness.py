@@ -1,4 +1,4 @@
-"""Sharpness of an adapted model: python launch/sharpness.py --adapter DIR --data FILE [--rho 0.01,0.05,0.1]."""
+"""`bilora-dist probe` as a script: python launch/sharpness.py --adapter DIR --data FILE [--rho 0.01,0.05,0.1]."""
 
 from bilora_dist.cli import exit_process, run_cli
 from bilora_dist.probe.sharpness import sharpness_main

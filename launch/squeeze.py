@@ -1,4 +1,4 @@
-"""Compress a LoRA adapter to a lower rank: python launch/squeeze.py --adapter DIR --rank K --out DIR."""
+"""`bilora-dist squeeze` as a script: python launch/squeeze.py --adapter DIR --rank K --out DIR."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""Fine-tune with lora / bilora / lora-sam: `python launch/train.py --help` lists every flag."""
+"""`bilora-dist train` as a script, for `deepspeed launch/train.py ...` and `torchrun ... launch/train.py ...`:
+`python launch/train.py --help` lists every flag."""
 
 from bilora_dist.cli import exit_process, run_cli, train_main
 

@@ -1,4 +1,4 @@
-"""The main job: `python launch/train.py` with no flags fine-tunes the embedded model and beats the untuned one."""
+"""The main job: `bilora-dist train` with no flags fine-tunes the embedded model and beats the untuned one."""
 
 from __future__ import annotations
 
@@ -31,14 +31,16 @@ def assert_default_run_learned(out: Path) -> None:
 def test_default_run_improves_held_out_accuracy(tmp_path):
     out = tmp_path / "run"
     # in the caller's environment, as the README's command runs (not run_env's one thread per process)
-    run_ok([sys.executable, "launch/train.py", "--output-dir", str(out)], env=dict(os.environ), timeout=900)
+    run_ok([str(Path(sys.executable).parent / "bilora-dist"), "train", "--output-dir", str(out)],
+           env=dict(os.environ), timeout=900)
     assert_default_run_learned(out)
 
 
 @pytest.mark.slow
 def test_deepspeed_launcher_runs_the_default_to_the_end(tmp_path):
     out = tmp_path / "run"
-    run_ok(["deepspeed", "launch/train.py", "--output-dir", str(out)], env=dict(os.environ), timeout=900)
+    run_ok(["deepspeed", "--module", "bilora_dist", "train", "--output-dir", str(out)], env=dict(os.environ),
+           timeout=900)
     assert_default_run_learned(out)
     summary = next(r for r in read_metrics(out) if "engine" in r)
     assert summary["engine"] == "deepspeed-zero3"

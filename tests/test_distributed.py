@@ -122,7 +122,7 @@ def test_two_nodes_match_one_node(runs, tiny_model_dir, module_data, tmp_path):
     port = free_port()
     procs = [subprocess.Popen(["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node-rank", str(node),
                                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t2n",
-                               "launch/train.py", "--engine", "fsdp"]
+                               "-m", "bilora_dist", "train", "--engine", "fsdp"]  # torchrun -m: the CLI's module form
                               + train_args(tiny_model_dir, module_data, out, "bilora", 1),
                               cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for node in (0, 1)]

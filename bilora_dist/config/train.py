@@ -222,8 +222,8 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="launch/train.py", description="Bi-LoRA / LoRA / LoRA-SAM fine-tuning",
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="bilora-dist train", description="Bi-LoRA / LoRA / LoRA-SAM fine-tuning",
                      argument_default=argparse.SUPPRESS, allow_abbrev=False)
     for f in fields(TrainConfig):
         kwargs: dict[str, Any] = {"help": f.metadata["help"], "dest": f.name}
@@ -304,7 +304,7 @@ def apply_ds_config(cfg: TrainConfig, ds: dict[str, Any], path: str, explicit: d
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Build the run's configuration from YAML (if --config) and flags, validated and resolved."""
-    given = vars(_parser().parse_args(argv))
+    given = vars(build_parser().parse_args(argv))
     given.pop("local_rank", None)
     values = _load_yaml(given["config"]) if given.get("config") else {}
     explicit = {key: f"--config {given['config']} {key}" for key in values}

@@ -1,4 +1,4 @@
-"""`python launch/export.py`: a PEFT adapter, a squeezed adapter or a merged model from a checkpoint,
+"""`bilora-dist export`: a PEFT adapter, a squeezed adapter or a merged model from a checkpoint,
 an output directory or an adapter directory, whichever engine trained it (adapters are replicated,
 so every checkpoint holds the whole adapter)."""
 
@@ -34,8 +34,8 @@ class ExportSource:
     provenance: dict[str, Any]
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="launch/export.py", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="bilora-dist export", description=__doc__)
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="checkpoints/step_N, a training output dir (its adapter, else newest checkpoint), or an adapter")
     p.add_argument("--out", type=Path, required=True, help="directory to write (must not exist)")
@@ -117,7 +117,7 @@ def merge_base(choice: str | None, provenance: dict[str, Any], model_dir: Path) 
 
 
 def export_main(argv: list[str]) -> None:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.rank is not None and args.rank < 1:
         raise UserError(f"--rank must be >= 1, got {args.rank}")
     if args.out.exists():

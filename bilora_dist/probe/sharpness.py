@@ -289,7 +289,7 @@ def plot_sharpness(report: dict[str, Any], path: Path) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="launch/sharpness.py", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="bilora-dist probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--adapter", type=Path, required=True, help="PEFT LoRA adapter directory (as training writes it)")
     p.add_argument("--data", required=True, help="data to measure the loss on (any --data form of launch/train.py)")
     p.add_argument("--model", default=None, help="base model directory or cached hub id (default: the adapter's)")

@@ -1,4 +1,4 @@
-"""`python launch/squeeze.py`: compress a PEFT LoRA adapter, or extract one from a full fine-tune."""
+"""`bilora-dist squeeze`: compress a PEFT LoRA adapter, or extract one from a full fine-tune."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from bilora_dist.export.peft_io import extract_lora_from_delta, read_peft_adapte
 DELTA_TARGETS = r"\.layers\.\d+\..*(proj|fc\d?|dense|query|key|value)$"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="launch/squeeze.py", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="bilora-dist squeeze", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--adapter", type=Path, help="PEFT LoRA adapter directory to compress")
     src.add_argument("--delta", nargs=2, type=Path, metavar=("BASE", "FINETUNED"),
@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def squeeze_main(argv: list[str]) -> None:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.rank < 1:
         raise UserError(f"--rank must be >= 1, got {args.rank}")
     if args.energy is not None and not 0 < args.energy <= 1:
