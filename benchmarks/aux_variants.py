@@ -8,7 +8,7 @@ Every variant trains the default model on the WordNet task of benchmarks/general
 epochs, micro-batch 8, its defaults otherwise), evaluated at the end on a validation split carved from the
 training file: the last VALIDATION_PER_CLASS glosses of each class, which no size up to 32 - 4 trains on. The
 held-out set is never read, so this is what variants and radii are chosen by. Reported per variant: aux_gain_ratio and
-aux_alignment (mean over the diagnostics steps of the second half of training; README "Bi-LoRA's auxiliary"),
+aux_alignment (mean over the diagnostics steps of the second half of training; docs/bilora.md),
 and the median step time of the steps that are not diagnostics steps, over LoRA's, with the mean next to it.
 A refresh step that is also a diagnostics step (every one, when K is a multiple of --every) is left out of
 both, so a refresh's cost is read from --aux-refresh 1, whose every step refreshes.

@@ -370,7 +370,7 @@ def write_adapter(cfg: TrainConfig, loop: TrainingLoop, model_path: str, resume_
         except (OSError, SafetensorError) as exc:
             newest = list_checkpoints(checkpoints_dir(cfg.output_dir))
             problem = (f"cannot write the adapter to {out} ({getattr(exc, 'strerror', None) or exc}); free space, then "
-                       + (f"python launch/export.py --checkpoint {newest[0]} --out {out}" if newest else
+                       + (f"bilora-dist export --checkpoint {newest[0]} --out {out}" if newest else
                           "run again"))
     if (problem := engine.gather_object(problem)[0]) is not None:
         raise TrainingFault(problem)

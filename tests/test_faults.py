@@ -221,7 +221,7 @@ def test_a_final_adapter_that_cannot_be_written_names_the_export_command(tiny_mo
     monkeypatch.setattr("bilora_dist.trainer.save_peft_adapter", full)
     assert run_cli(train_main, _args(tiny_model_dir, small_data, out, "lora")) == 1
     assert _one_line(capsys) == (f"error: cannot write the adapter to {out / 'adapter'} (No space left on device); "
-                                 f"free space, then python launch/export.py --checkpoint "
+                                 f"free space, then bilora-dist export --checkpoint "
                                  f"{out / 'checkpoints' / f'step_{STEPS}'} --out {out / 'adapter'}")
 
 

@@ -1,6 +1,6 @@
 """Sharpness probe: how far the held-out loss of an adapted model rises under weight perturbations of radius ρ.
 
-    python launch/sharpness.py --adapter DIR --data FILE [--model DIR] [--rho 0.01,0.05,0.1] [--out FILE.json]
+    bilora-dist probe --adapter DIR --data FILE [--model DIR] [--rho 0.01,0.05,0.1] [--out FILE.json]
 
 For each ρ, relative to the unperturbed adapted model (loss = mean per-token loss on the supervised tokens,
 exactly as the trainer's evaluation computes it):
