@@ -70,7 +70,7 @@ def train_main(argv: list[str]) -> None:
     from transformers.utils import logging as hf_logging
 
     from bilora_dist.config.train import parse_config
-    from bilora_dist.trainer import dry_run, train
+    from bilora_dist.recipe.train import dry_run, train
 
     hf_logging.disable_progress_bar()  # the run shows its own progress
     cfg = parse_config(argv)

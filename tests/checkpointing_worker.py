@@ -15,7 +15,7 @@ from bilora_dist.data import Example, collate, to_device
 from bilora_dist.engines import make_engine
 from bilora_dist.training.loss import token_loss_sum
 from bilora_dist.memory.recompute import Recompute, apply_recompute
-from bilora_dist.trainer import attach_and_wrap, build_model_and_adapters
+from bilora_dist.recipe.train import attach_and_wrap, build_model_and_adapters
 
 SETTINGS = {"off": 0, "every 2": 2, "all": 1}  # Recompute.every
 

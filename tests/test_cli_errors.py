@@ -208,7 +208,7 @@ def test_freed_cpu_buffers_go_back_to_the_system():
 
 @pytest.mark.parametrize("value", ["true", "false"])
 def test_eval_on_start_decides_the_evaluation_before_training(base_args, tmp_path, value):
-    from bilora_dist.trainer import train
+    from bilora_dist.recipe.train import train
 
     result = train(parse_config(_with(base_args, eval_on_start=value, max_steps="2")))
     evals = [r["step"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines())

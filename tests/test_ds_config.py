@@ -19,7 +19,7 @@ from bilora_dist.config.ds_config import read_ds_config, resolve, unused_keys, u
 from bilora_dist.errors import UserError
 from bilora_dist.training.loop import build_scheduler
 from bilora_dist.training.methods import build_optimizer
-from bilora_dist.trainer import dry_run
+from bilora_dist.recipe.train import dry_run
 from tests_support import ROOT, fixture_bank, run_cmd, step_rows, two_ranks
 
 DATA = ROOT / "tests" / "data" / "ds_configs"

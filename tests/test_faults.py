@@ -218,7 +218,7 @@ def test_a_final_adapter_that_cannot_be_written_names_the_export_command(tiny_mo
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr("bilora_dist.trainer.save_peft_adapter", full)
+    monkeypatch.setattr("bilora_dist.recipe.train.save_peft_adapter", full)
     assert run_cli(train_main, _args(tiny_model_dir, small_data, out, "lora")) == 1
     assert _one_line(capsys) == (f"error: cannot write the adapter to {out / 'adapter'} (No space left on device); "
                                  f"free space, then bilora-dist export --checkpoint "

@@ -127,7 +127,7 @@ def _grad_factors(branch):
 
 def test_a_run_whose_forward_is_bypassed_stops_in_one_line_and_saves_nothing(
         tiny_model_dir, small_data, tmp_path, capsys, monkeypatch):
-    from bilora_dist import trainer
+    from bilora_dist.recipe import train as trainer
 
     apply = trainer.apply_kernels
 

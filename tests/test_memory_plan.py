@@ -14,7 +14,7 @@ from transformers import BitsAndBytesConfig, LlamaConfig
 from bilora_dist.config.train import parse_config
 from bilora_dist.memory.plan import base_bytes_on_rank, nf4_bytes, quantized_weights
 from bilora_dist.model.loading import LoadOptions, build_on_meta
-from bilora_dist.trainer import dry_run
+from bilora_dist.recipe.train import dry_run
 from tests_support import run_ok
 
 BATCH, SEQ, CHUNK = 4, 256, 256
@@ -118,7 +118,7 @@ def _plan_both_engines(model: str, world: int) -> tuple[str, dict, dict]:
     from dataclasses import replace
 
     from bilora_dist.memory.run_plan import build_run_plan
-    from bilora_dist.trainer import describe_layers
+    from bilora_dist.recipe.train import describe_layers
 
     run = build_run_plan(parse_config(["--dry-run", "--model", model, "--bf16", "--plan-ranks", str(world),
                                        "--engine", "fsdp"]), world)

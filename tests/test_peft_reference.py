@@ -18,7 +18,7 @@ from bilora_dist.engines.base import Engine
 from bilora_dist.export.peft import copy_into_peft, save_peft_adapter
 from bilora_dist.training.methods import METHOD_STEPS, build_optimizer
 from bilora_dist.model.loading import load_frozen_model
-from bilora_dist.trainer import train
+from bilora_dist.recipe.train import train
 
 
 def _run(tmp_path, model_dir, data, method, steps=10, **flags):

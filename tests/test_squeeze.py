@@ -290,7 +290,7 @@ def test_training_with_a_squeeze_exports_the_compressed_rank(tiny_model_dir, sma
     from peft import LoraConfig
 
     from bilora_dist.config.train import parse_config
-    from bilora_dist.trainer import train
+    from bilora_dist.recipe.train import train
 
     out = tmp_path / "run"
     train(parse_config(["--model", str(tiny_model_dir), "--data", str(small_data[0]), "--eval-data",

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from bilora_dist.config.train import parse_config
-from bilora_dist.trainer import dry_run
+from bilora_dist.recipe.train import dry_run
 from tests_support import run_ok, tiny_moe_config, two_ranks
 
 CONFIG = "tests/data/zero3_partitioned.json"

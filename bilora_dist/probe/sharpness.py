@@ -350,7 +350,7 @@ def load_adapted(args: argparse.Namespace, base_model: str, loaded: Branch):
     from bilora_dist.config.train import TrainConfig, validate
     from bilora_dist.engines import make_engine
     from bilora_dist.memory.recompute import Recompute
-    from bilora_dist.trainer import attach_and_wrap, build_model_and_adapters, prepare_data, resolve_model_once
+    from bilora_dist.recipe.train import attach_and_wrap, build_model_and_adapters, prepare_data, resolve_model_once
 
     cfg = TrainConfig(model=base_model, data=args.data, eval_data=args.data, data_format=args.data_format,
                       train_on_prompt=args.train_on_prompt, last_turn_only=args.last_turn_only,
