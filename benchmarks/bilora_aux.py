@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from bilora_dist.adapters.bank import Branch  # noqa: E402
 from bilora_dist.checkpoint.store import Checkpoint, list_checkpoints, load_checkpoint  # noqa: E402
-from bilora_dist.probe.sharpness import (Probe, adversarial_increases, build_parser, load_adapted,  # noqa: E402
-                                  random_increases)
+from bilora_dist.probe.cli import build_parser, load_adapted  # noqa: E402
+from bilora_dist.probe.sharpness import Probe, adversarial_increases, random_increases  # noqa: E402
 from bilora_dist.export.peft_io import read_peft_adapter  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))

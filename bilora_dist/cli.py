@@ -119,7 +119,7 @@ COMMANDS: dict[str, Command] = {
                       "write a PEFT or vLLM adapter, a squeezed adapter or a merged model from a run"),
     "squeeze": Command("bilora_dist.squeeze.cli:squeeze_main", "bilora_dist.squeeze.cli:build_parser",
                        "compress a PEFT LoRA adapter to a lower rank, or extract one from a full fine-tune"),
-    "probe": Command("bilora_dist.probe.sharpness:sharpness_main", "bilora_dist.probe.sharpness:build_parser",
+    "probe": Command("bilora_dist.probe.cli:sharpness_main", "bilora_dist.probe.cli:build_parser",
                      "measure how far an adapted model's held-out loss rises under weight perturbations"),
 }
 

@@ -1,7 +1,7 @@
 """Run alone, under the deepspeed launcher or under torchrun: adapter gradients of one global batch without
 gradient checkpointing, with it on every other block and on all, for lora and bilora, saved per rank, with the
 forward calls of each block's first adapted layer. Usage: checkpointing_worker.py ENGINE MODEL OUT
-The run's own stages build, inject and wrap (trainer.build_model_and_adapters, attach_and_wrap); checkpointing
+The run's own stages build, inject and wrap (recipe.stages.build_model_and_adapters, attach_and_wrap); checkpointing
 is set on the wrapped model between the passes (recompute.apply_recompute).
 """
 
@@ -15,7 +15,7 @@ from bilora_dist.data import Example, collate, to_device
 from bilora_dist.engines import make_engine
 from bilora_dist.training.loss import token_loss_sum
 from bilora_dist.memory.recompute import Recompute, apply_recompute
-from bilora_dist.recipe.train import attach_and_wrap, build_model_and_adapters
+from bilora_dist.recipe.stages import attach_and_wrap, build_model_and_adapters
 
 SETTINGS = {"off": 0, "every 2": 2, "all": 1}  # Recompute.every
 

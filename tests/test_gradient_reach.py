@@ -127,15 +127,15 @@ def _grad_factors(branch):
 
 def test_a_run_whose_forward_is_bypassed_stops_in_one_line_and_saves_nothing(
         tiny_model_dir, small_data, tmp_path, capsys, monkeypatch):
-    from bilora_dist.recipe import train as trainer
+    from bilora_dist.recipe import stages
 
-    apply = trainer.apply_kernels
+    apply = stages.apply_kernels
 
     def apply_and_bypass(model, choice):  # a kernel patch that replaces layer 0's MLP forward
         apply(model, choice)
         bypass_mlp(model.model.layers[0].mlp)
 
-    monkeypatch.setattr(trainer, "apply_kernels", apply_and_bypass)
+    monkeypatch.setattr(stages, "apply_kernels", apply_and_bypass)
     out = tmp_path / "out"
     args = ["--model", str(tiny_model_dir), "--data", str(small_data[0]), "--eval-data", str(small_data[1]),
             "--max-steps", "2", "--micro-batch-size", "2", "--seq-len", "64", "--eval-on-start", "false",

@@ -118,7 +118,7 @@ def _plan_both_engines(model: str, world: int) -> tuple[str, dict, dict]:
     from dataclasses import replace
 
     from bilora_dist.memory.run_plan import build_run_plan
-    from bilora_dist.recipe.train import describe_layers
+    from bilora_dist.recipe.stages import describe_layers
 
     run = build_run_plan(parse_config(["--dry-run", "--model", model, "--bf16", "--plan-ranks", str(world),
                                        "--engine", "fsdp"]), world)

@@ -19,7 +19,8 @@ from bilora_dist.data.tokenize import TokenizeOptions
 from bilora_dist.engines.base import Engine
 from bilora_dist.export.peft import save_peft_adapter
 from bilora_dist.training.loss import attach_head_loss
-from bilora_dist.probe.sharpness import Probe, lora_adversarial_increases, probe_sharpness, sharpness_main
+from bilora_dist.probe.cli import sharpness_main
+from bilora_dist.probe.sharpness import Probe, lora_adversarial_increases, probe_sharpness
 from tests_support import run_cmd, run_ok, two_ranks
 
 RHOS = [1e-3, 0.05, 0.3]
@@ -196,6 +197,6 @@ def test_bad_input_is_one_line(argv, message, adapter, capsys):
 
 def test_module_entry_point_reports_an_adapter_without_weights(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
-    proc = run_cmd([sys.executable, "-m", "bilora_dist.probe.sharpness", "--adapter", str(tmp_path), "--data", "x.jsonl"])
+    proc = run_cmd([sys.executable, "-m", "bilora_dist", "probe", "--adapter", str(tmp_path), "--data", "x.jsonl"])
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "not a PEFT adapter directory" in proc.stderr

@@ -89,6 +89,24 @@ def test_the_import_graph_is_acyclic():
     assert not graph["bilora_dist.config.train"] & {"bilora_dist.cli", "bilora_dist.recipe.train", "bilora_dist.training.loop"}
 
 
+
+def test_the_top_level_holds_only_the_command_and_shared_helpers():
+    """Every stage with more than one module is a folder: config, model, adapters, engines, data, training,
+    squeeze, checkpoint, memory, export, probe, recipe."""
+    assert sorted(p.name for p in PACKAGE.glob("*.py")) == ["__init__.py", "__main__.py", "cli.py", "errors.py",
+                                                            "files.py"]
+    folders = {p.parent.name for p in PACKAGE.glob("*/*.py") if p.parent.name != "assets"}
+    assert folders == {"adapters", "checkpoint", "config", "data", "engines", "export", "memory", "model", "probe",
+                       "recipe", "squeeze", "training"}
+    assert all(len([f for f in (PACKAGE / d).glob("*.py") if f.name != "__init__.py"]) > 1 for d in folders)
+
+
+def test_the_probe_runs_the_public_stages_not_the_training_recipe():
+    graph = _import_graph()
+    reached = graph["bilora_dist.probe.cli"] | graph["bilora_dist.probe.sharpness"]
+    assert "bilora_dist.recipe.stages" in reached and "bilora_dist.recipe.train" not in reached
+    assert "bilora_dist.recipe.train" not in graph["bilora_dist.recipe.stages"]
+
 # --- rank changes, per-pass state, ascent and registration on a tiny model ---
 
 

@@ -14,36 +14,31 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 
-from bilora_dist.adapters import build_bank, inject, layer_shapes, select_targets
-from bilora_dist.adapters.bank import AdapterBank, LayerShape
+from bilora_dist.adapters.bank import AdapterBank
 from bilora_dist.adapters.inject import peft_target_modules
 from bilora_dist.checkpoint.store import (Checkpoint, check_compatible, check_step_budget, checkpoints_dir, describe_changes,
                                     find_checkpoint, honoured_changes, list_checkpoints, load_checkpoint, read_state,
                                     restore_bank)
-from bilora_dist.config.train import TrainConfig, parse_size
-from bilora_dist.data import Prepared, prepare_examples
-from bilora_dist.data.tokenize import TokenizeOptions
-from bilora_dist.model.embedded import DEFAULT_EVAL, DEFAULT_TRAIN
+from bilora_dist.config.train import TrainConfig
+from bilora_dist.model.embedded import DEFAULT_TRAIN
 from bilora_dist.engines import Engine, make_engine
 from bilora_dist.errors import TrainingFault, UserError
 from bilora_dist.files import hash_bytes
-from bilora_dist.training.evaluation import choice_task
 from bilora_dist.export.peft import save_peft_adapter
-from bilora_dist.model.kernels import apply_kernels, choose_kernels, compile_blocks, liger_model_types
-from bilora_dist.training.loop import Budget, RunData, TrainingLoop, say
-from bilora_dist.training.loss import attach_head_loss
+from bilora_dist.training.loop import Budget, TrainingLoop, say
 from bilora_dist.memory.plan import format_plan
 from bilora_dist.training.metrics import trained_steps, truncate_metrics
-from bilora_dist.model.loading import LoadOptions, build_on_meta, decoder_blocks, load_config, load_tokenizer, resolve_model
-from bilora_dist.memory.run_plan import RunPlan, build_run_plan
+from bilora_dist.memory.run_plan import build_run_plan
 from bilora_dist.checkpoint.preemption import OutputLock, StopRequest
-from bilora_dist.memory.recompute import Recompute, apply_recompute, choose, forced, free_memory_bytes
+from bilora_dist.memory.recompute import Recompute
 from bilora_dist.squeeze.schedule import parse_squeeze
+from bilora_dist.recipe.stages import (attach_and_wrap, build_model_and_adapters, check_vocabulary, choose_recompute, describe_layers,
+                                      prepare_data, resolve_model_once, resolve_recompute, unquantized_experts)
 
 
 def dry_run(cfg: TrainConfig) -> str:
@@ -65,28 +60,6 @@ def dry_run(cfg: TrainConfig) -> str:
     return format_plan(plans, header + (f"\n{note}" if note else "")) + "\n" + json.dumps(
         {"engine": plan.kind, "world_size": world, "gradient_checkpointing": recompute.describe(),
          "ranks": [p.as_dict() for p in plans]})
-
-
-def choose_recompute(cfg: TrainConfig, plan: RunPlan, free: Callable[[], int]) -> Recompute:
-    """The decoder blocks to checkpoint: as the flags force, or under auto from `plan` and the budget
-    (--memory-budget, else `free()`)."""
-    if cfg.gradient_checkpointing != "auto":
-        return forced(cfg.gradient_checkpointing, cfg.checkpoint_every, plan.blocks)
-    budget = parse_size(cfg.memory_budget, "--memory-budget") if cfg.memory_budget else free()
-    return choose(plan.blocks, plan.peak_bytes, budget)
-
-
-def resolve_recompute(cfg: TrainConfig, engine: Engine) -> Recompute:
-    """The checkpointing of this run, chosen before its model is loaded (auto: for the smallest free memory of all
-    ranks); one line says what and why."""
-    if cfg.gradient_checkpointing == "auto":
-        free = min(engine.gather_object(free_memory_bytes(engine.device)))
-        recompute = choose_recompute(cfg, build_run_plan(cfg, engine.world_size), lambda: free)
-    else:  # the blocks are counted only where every K-th is asked for
-        total = len(decoder_blocks(build_on_meta(resolve_model(cfg.model)))) if cfg.checkpoint_every > 1 else 0
-        recompute = forced(cfg.gradient_checkpointing, cfg.checkpoint_every, total)
-    say(engine, f"gradient checkpointing {recompute.describe()}: {recompute.why}")
-    return recompute
 
 
 def run_identity(cfg: TrainConfig, data_digest: str) -> dict[str, Any]:
@@ -198,29 +171,6 @@ def _train(cfg: TrainConfig, stop: StopRequest, engine: Engine) -> dict[str, Any
     return result
 
 
-def describe_layers(shapes: list[LayerShape]) -> str:
-    """What is adapted, e.g. `8 adapted layers (8 attention, 0 dense), 4 expert tensors (x 4 experts)`."""
-    linear = [s for s in shapes if not s.experts]
-    attention = sum(".self_attn." in s.name or ".attn." in s.name or ".attention." in s.name for s in linear)
-    text = f"{len(linear)} adapted layers ({attention} attention, {len(linear) - attention} dense)"
-    experts = [s for s in shapes if s.experts]
-    if experts:
-        counts = "/".join(str(e) for e in sorted({s.experts for s in experts}))
-        text += f", {len(experts)} expert tensors (x {counts} experts)"
-    return text
-
-
-def unquantized_experts(shapes: list[LayerShape], cfg: TrainConfig) -> str | None:
-    """The line saying that `--quantize 4bit` leaves fused expert weights in the base dtype (bitsandbytes
-    quantises linear layers only), or None where nothing is left out."""
-    experts = [s for s in shapes if s.experts]
-    if cfg.quantize != "4bit" or not experts:
-        return None
-    numel = sum(s.experts * s.in_features * s.out_features for s in experts)
-    return (f"--quantize 4bit: the {len(experts)} adapted expert tensors ({numel:,} params) stay in {cfg.dtype} "
-            "(bitsandbytes quantises linear layers only); the memory plan counts them so")
-
-
 def announce(cfg: TrainConfig, loop: TrainingLoop, model_path: str) -> None:
     """One line: method, model, what is adapted, adapter sizes, engine, global batch and step count."""
     engine, bank, budget = loop.engine, loop.bank, loop.budget
@@ -228,41 +178,6 @@ def announce(cfg: TrainConfig, loop: TrainingLoop, model_path: str) -> None:
                 f"{bank.primary.flat.numel():,} primary + {bank.aux.flat.numel() if bank.aux else 0:,} aux params; "
                 f"engine {engine.name} x{engine.world_size}, global batch {cfg.micro_batch_size} x {cfg.grad_accum} "
                 f"x {engine.world_size} = {budget.global_batch}, {budget.total_steps} steps")
-
-
-def resolve_model_once(cfg: TrainConfig, engine: Engine) -> str:
-    """The model's local directory; the main rank converts the embedded model first, once."""
-    if engine.is_main:
-        resolve_model(cfg.model)
-    engine.barrier()
-    model_path = resolve_model(cfg.model)
-    load_config(model_path)  # an unusable model is refused before anything else is read
-    return model_path
-
-
-def prepare_data(cfg: TrainConfig, engine: Engine, model_path: str) -> RunData:
-    """Training and held-out examples, tokenized once by the main rank and memory-mapped by all."""
-    tokenizer = load_tokenizer(model_path)
-    options = TokenizeOptions(cfg.seq_len, cfg.train_on_prompt, cfg.last_turn_only)
-
-    def prepare(spec: str, flag: str) -> Prepared:
-        return prepare_examples(spec, flag, tokenizer, options, cfg.data_format, cfg.data_workers, cfg.data_cache,
-                                engine, lambda message: say(engine, message))
-
-    train_set = prepare(cfg.data or str(DEFAULT_TRAIN), "--data").examples
-    eval_data = prepare(cfg.eval_data or str(DEFAULT_EVAL), "--eval-data")
-    return RunData(train_set, eval_data.examples, choice_task(eval_data, tokenizer, cfg.seq_len),
-                   tokenizer.pad_token_id)
-
-
-def build_model_and_adapters(cfg: TrainConfig, engine: Engine,
-                             model_path: str) -> tuple[torch.nn.Module, AdapterBank]:
-    """The frozen base as the engine loads it and its adapter bank (on the engine's device)."""
-    model = engine.build(model_path, LoadOptions.of(cfg, model_path))
-    names = select_targets(model, cfg.target_modules)
-    bank = build_bank(layer_shapes(model, names), cfg.rank, cfg.alpha,
-                      cfg.aux_rank if cfg.method == "bilora" else None, cfg.aux_scale, cfg.seed).to(engine.device)
-    return model, bank
 
 
 def restore_adapters(cfg: TrainConfig, engine: Engine, resume_from: Path | None, bank: AdapterBank,
@@ -277,19 +192,6 @@ def restore_adapters(cfg: TrainConfig, engine: Engine, resume_from: Path | None,
     if changes := honoured_changes(resume_from, dataclasses.asdict(cfg)):
         say(engine, describe_changes(changes))
     return checkpoint
-
-
-def check_vocabulary(model: torch.nn.Module, data: RunData, model_path: str) -> None:
-    """Refuse token ids the model's embedding has no row for (a tokenizer of another model), before anything is
-    written: the forward pass would fail on them."""
-    import pyarrow.compute as pc
-
-    rows = model.get_input_embeddings().num_embeddings
-    for flag, examples in (("--data", data.train_set), ("--eval-data", data.eval_set)):
-        top = pc.max(pc.list_flatten(examples.data.column("input_ids"))).as_py()
-        if top is not None and top >= rows:
-            raise UserError(f"{flag}: the tokenizer of {model_path} gives token id {top}, but the model's embedding "
-                            f"has {rows} rows; use the tokenizer the model was trained with")
 
 
 _RUN_FILES = ("checkpoints", "metrics.jsonl", ".metrics.jsonl.tmp", "tensorboard", "adapter")
@@ -317,23 +219,6 @@ def open_output_dir(cfg: TrainConfig, engine: Engine, out: Path, checkpoint: Che
     (out / "train_config.yaml").write_text(cfg.to_yaml() + "".join(line + "\n" for line in notes))
     if checkpoint:
         truncate_metrics(out, checkpoint.step)
-
-
-def attach_and_wrap(cfg: TrainConfig, engine: Engine, model: torch.nn.Module, bank: AdapterBank,
-                    recompute: Recompute) -> torch.nn.Module:
-    """Put the chosen kernels in, hook the bank's updates into the target layers, checkpoint the chosen blocks,
-    compile the blocks if asked, then let the engine wrap the model for training."""
-    kernels = choose_kernels(cfg.kernels, engine.device, model.config.model_type, liger_model_types(), bank.shapes)
-    say(engine, kernels.describe())
-    apply_kernels(model, kernels)
-    inject(model, bank)
-    attach_head_loss(model, cfg.loss_chunk)
-    apply_recompute(model, recompute)
-    if cfg.compile:
-        say(engine, f"compiling {compile_blocks(model)} decoder blocks (the first step includes the compile time)")
-    model = engine.wrap(model)
-    model.train()
-    return model
 
 
 def finish(cfg: TrainConfig, loop: TrainingLoop, model_path: str, resume_from: Path | None) -> dict[str, float]:
