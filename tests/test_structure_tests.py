@@ -27,13 +27,13 @@ def called(path: Path, owner: str, attr: str) -> list[int]:
 
 
 def test_no_test_module_imports_another_test_module_or_conftest():
-    test_modules = {p.stem for p in TESTS.glob("*.py") if p.stem.startswith("test_")} | {"conftest"}
-    offenders = {p.name: sorted(imported_modules(p) & test_modules) for p in TESTS.glob("*.py")}
+    test_modules = {p.stem for p in TESTS.rglob("*.py") if p.stem.startswith("test_")} | {"conftest"}
+    offenders = {p.name: sorted(imported_modules(p) & test_modules) for p in TESTS.rglob("*.py")}
     assert {name: mods for name, mods in offenders.items() if mods} == {}
 
 
 def test_runs_are_launched_through_tests_support():
     """subprocess.run and socket.socket (free ports) appear in tests_support.py only."""
-    offenders = {f"{p.name}:{line}" for p in TESTS.glob("*.py") if p.name != "tests_support.py"
+    offenders = {f"{p.name}:{line}" for p in TESTS.rglob("*.py") if p.name != "tests_support.py"
                  for owner, attr in (("subprocess", "run"), ("socket", "socket")) for line in called(p, owner, attr)}
     assert offenders == set()

@@ -61,9 +61,9 @@ def two_ranks(runner: str) -> list[str]:
 
 
 def ds_config_path(kind: str) -> str:
-    """The ds_config of launcher kind `kind`: ds_configs/KIND.json, or the test-only tests/data/KIND.json."""
+    """The ds_config of launcher kind `kind`: ds_configs/KIND.json, or the test-only tests/fixtures/KIND.json."""
     shipped = f"ds_configs/{kind}.json"
-    return shipped if (ROOT / shipped).exists() else f"tests/data/{kind}.json"
+    return shipped if (ROOT / shipped).exists() else f"tests/fixtures/{kind}.json"
 
 
 def launcher(kind: str) -> list[str]:

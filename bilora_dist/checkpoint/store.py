@@ -40,7 +40,7 @@ MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 # The resume policy of every setting (TrainConfig field), in one place; docs/RESUME.md is generated from it
-# (tests/test_resume_policy.py checks both). A resume compares each setting with the checkpoint's run:
+# (tests/checkpoint/test_resume_policy.py checks both). A resume compares each setting with the checkpoint's run:
 #   refuse  - a different value is refused with one line naming the setting and the saved value: the adapters,
 #             or the examples the saved data position counts, would not be the ones the checkpoint continues
 #   budget  - honoured (and said) while the run keeps its step count; another step count is refused (the

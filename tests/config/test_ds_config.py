@@ -1,4 +1,4 @@
-"""DeepSpeed configs as LLaMA-Factory, axolotl and the transformers docs ship them (tests/data/ds_configs,
+"""DeepSpeed configs as LLaMA-Factory, axolotl and the transformers docs ship them (tests/fixtures/ds_configs,
 verbatim): read, "auto" resolved, mapped onto the trainer, refused with one line where they cannot be
 honoured, and each run for 2 steps under `deepspeed --num_gpus 2`."""
 
@@ -22,7 +22,7 @@ from bilora_dist.training.methods import build_optimizer
 from bilora_dist.recipe.train import dry_run
 from tests_support import ROOT, fixture_bank, run_cmd, step_rows, two_ranks
 
-DATA = ROOT / "tests" / "data" / "ds_configs"
+DATA = ROOT / "tests" / "fixtures" / "ds_configs"
 HIDDEN = 64
 # what each fetched config sets: stage, offload_param (pin_memory) or None, bf16, max_live_parameters,
 # max_reuse_distance (stage 3), and the schedule its scheduler block maps to (None: no block)

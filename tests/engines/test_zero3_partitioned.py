@@ -1,10 +1,10 @@
-"""ZeRO-3 with every parameter partitioned (tests/data/zero3_partitioned.json: persistence thresholds 0, no
+"""ZeRO-3 with every parameter partitioned (tests/fixtures/zero3_partitioned.json: persistence thresholds 0, no
 prefetch, no reuse window), on mixture-of-experts models: each adapted expert tensor rests as its partition, is
 gathered for its module's forward and backward and released after each, and nothing autograd saves keeps a
 gathered copy alive (tests/zero3_worker.py, 2 ranks); the peak of a measured step against the --dry-run plan,
 under that config and, in the same launch, under configs whose reuse distance keeps part (REUSE_HALF) or all
 (the shipped ds_configs/zero3.json) of the partitioned parameters gathered from forward into backward.
-Training, one-process equality and resume under this config: tests/test_moe_training.py."""
+Training, one-process equality and resume under this config: tests/training/test_moe_training.py."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from bilora_dist.config.train import parse_config
 from bilora_dist.recipe.train import dry_run
 from tests_support import run_ok, tiny_moe_config, two_ranks
 
-CONFIG = "tests/data/zero3_partitioned.json"
-REUSE_HALF = "tests/data/zero3_reuse_half.json"  # as CONFIG, stage3_max_reuse_distance 3.5M: about half MEASURED's
+CONFIG = "tests/fixtures/zero3_partitioned.json"
+REUSE_HALF = "tests/fixtures/zero3_reuse_half.json"  # as CONFIG, stage3_max_reuse_distance 3.5M: about half MEASURED's
 SHIPPED = "ds_configs/zero3.json"  # reuse distance 1e9 (all of MEASURED), prefetch bucket 5e7, persistence 1e5
 FAMILIES = ("qwen3_moe", "gpt_oss")  # experts stored [E, out, in], and [E, in, out] (is_transposed) with biases
 # 4 Qwen3-MoE layers of 16 experts (hidden 128, expert width 256): experts are 93 % of the base

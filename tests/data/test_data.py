@@ -71,7 +71,7 @@ def test_batch_plan_gives_every_world_size_the_same_global_batch(world, accum):
 
 # ---- record formats and chat tokenization ----
 
-QWEN3_TEMPLATE = (Path(__file__).parent / "data" / "qwen3_chat_template.jinja").read_text()
+QWEN3_TEMPLATE = (Path(__file__).parents[1] / "fixtures" / "qwen3_chat_template.jinja").read_text()
 # ChatML with the assistant turn, its end token and the newline after it marked as generated.
 GENERATION_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"

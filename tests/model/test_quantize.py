@@ -96,7 +96,7 @@ def test_bilora_on_a_4bit_base_trains_and_exports_over_the_original_base(q4_mode
         assert len(lora_b) == 14 and all(b.abs().max() > 0 for b in lora_b)  # the trained factors, loaded
         want = peft.merge_and_unload().state_dict()
     run_ok([sys.executable, "launch/export.py", "--checkpoint", str(out), "--out", str(tmp_path / "merged"),
-            "--merged", "--merge-base", "original"])  # the default folds into NF4(W0) (tests/test_input_checks.py)
+            "--merged", "--merge-base", "original"])  # the default folds into NF4(W0) (tests/recipe/test_input_checks.py)
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     assert not [k for k in merged if "absmax" in k or "quant" in k]  # unquantised weights, as the base holds them
     assert merged.keys() <= want.keys() and len(merged) == len(want) - 1  # the tied head is not written

@@ -1,6 +1,6 @@
 """Training a mixture-of-experts model end to end: a tiny random Qwen3-MoE (4 experts, top-2), saved as
 transformers 5 saves it (per-expert tensors, fused at load time), trained by launch/train.py on one process,
-2 ZeRO-3 ranks (ds_configs/zero3.json, and tests/data/zero3_partitioned.json, which partitions every tensor,
+2 ZeRO-3 ranks (ds_configs/zero3.json, and tests/fixtures/zero3_partitioned.json, which partitions every tensor,
 resumed) and 2 FSDP2 ranks (which must agree up to summation order, as in test_distributed.py), resumed
 on another engine, and its PEFT adapter loaded by peft with the experts in target_parameters."""
 
@@ -83,7 +83,7 @@ def test_two_ranks_match_one_process(runs, kind, method):
 
 
 def test_zero3_partitioned_holds_half_of_every_tensor(runs, moe_model_dir):
-    """tests/data/zero3_partitioned.json (persistence threshold 0): no tensor stays whole on a rank, the experts'
+    """tests/fixtures/zero3_partitioned.json (persistence threshold 0): no tensor stays whole on a rank, the experts'
     included (ds_configs/zero3.json keeps every tensor of this model under 100,000 elements whole); each rank
     holds its half of each, padded to even (gathering and release: test_zero3_partitioned.py)."""
     out, _ = runs("zero3_partitioned", "bilora")

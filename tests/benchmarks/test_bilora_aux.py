@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from bilora_dist.data import IGNORE, prepare_examples
 from bilora_dist.data.tokenize import TokenizeOptions
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bilora_aux  # noqa: E402
 import generalization  # noqa: E402
 
