@@ -37,3 +37,11 @@ def test_runs_are_launched_through_tests_support():
     offenders = {f"{p.name}:{line}" for p in TESTS.rglob("*.py") if p.name != "tests_support.py"
                  for owner, attr in (("subprocess", "run"), ("socket", "socket")) for line in called(p, owner, attr)}
     assert offenders == set()
+
+
+def test_the_test_folders_mirror_the_package():
+    """tests/<stage>/ for each bilora_dist/<stage>/; tests/benchmarks/ for the benchmark scripts; fixtures apart."""
+    package = {p.name for p in (TESTS.parent / "bilora_dist").iterdir() if (p / "__init__.py").is_file()}
+    folders = {p.name for p in TESTS.iterdir() if p.is_dir() and p.name not in ("fixtures", "__pycache__")}
+    assert folders - {"benchmarks"} == package
+    assert all(list((TESTS / folder).glob("test_*.py")) for folder in folders)
