@@ -1,7 +1,8 @@
 """Every command in README.md and docs/*.md (```bash blocks) is checked here or run by .ci/run: the CLI's are
 parsed by the command's own parser (behind the real deepspeed and torchrun argument parsers where launched),
-the short ones are run (help, the memory plans, with the README's printed numbers), benchmark flags exist in the
-benchmark's parser, named tests exist, and the two set-up commands are what .ci/run runs."""
+the short ones are run (help, the memory plans, with the README's printed numbers), benchmark and example flags
+exist in their parsers (tests/integrations/test_examples.py runs the examples), named tests exist, and the two
+set-up commands are what .ci/run runs."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def cli_argv(command: str) -> tuple[str, list[str]] | None:
 
 @cache
 def benchmark_flags(script: str) -> set[str]:
-    """The option strings a benchmark script's parser declares (read from its source, nothing run)."""
+    """The option strings a benchmark's or example's parser declares (read from its source, nothing run)."""
     tree = ast.parse((ROOT / script).read_text())
     return {arg.value for node in ast.walk(tree) if isinstance(node, ast.Call)
             and getattr(node.func, "attr", "") == "add_argument"
@@ -99,7 +100,8 @@ def test_every_documented_command_is_valid(page, command):
             path, _, name = target.partition("::")
             assert (ROOT / path).is_file() and (not name or f"def {name}(" in (ROOT / path).read_text()), target
         return
-    assert words[0] in ("python", "python3") and words[1].startswith("benchmarks/"), f"{page}: unchecked: {command}"
+    assert words[0] in ("python", "python3") and words[1].startswith(("benchmarks/", "examples/")), \
+        f"{page}: unchecked: {command}"
     assert (ROOT / words[1]).is_file(), words[1]
     flags = {w.split("=")[0] for w in words[2:] if re.fullmatch(r"--[a-z][\w-]*(=\S*)?", w)}
     assert flags <= benchmark_flags(words[1]), f"{words[1]} takes no {flags - benchmark_flags(words[1])}"

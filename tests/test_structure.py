@@ -92,12 +92,12 @@ def test_the_import_graph_is_acyclic():
 
 def test_the_top_level_holds_only_the_command_and_shared_helpers():
     """Every stage with more than one module is a folder: config, model, adapters, engines, data, training,
-    squeeze, checkpoint, memory, export, probe, recipe."""
+    squeeze, checkpoint, memory, export, probe, recipe, and the trainer integrations."""
     assert sorted(p.name for p in PACKAGE.glob("*.py")) == ["__init__.py", "__main__.py", "cli.py", "errors.py",
                                                             "files.py"]
     folders = {p.parent.name for p in PACKAGE.glob("*/*.py") if p.parent.name != "assets"}
-    assert folders == {"adapters", "checkpoint", "config", "data", "engines", "export", "memory", "model", "probe",
-                       "recipe", "squeeze", "training"}
+    assert folders == {"adapters", "checkpoint", "config", "data", "engines", "export", "integrations", "memory",
+                       "model", "probe", "recipe", "squeeze", "training"}
     assert all(len([f for f in (PACKAGE / d).glob("*.py") if f.name != "__init__.py"]) > 1 for d in folders)
 
 
