@@ -7,12 +7,18 @@ Each (round, config) runs in a fresh worker process, so peak RSS is that config'
 configs so machine drift hits both alike. Step time: the median wall and process-CPU time of the steps after
 the first two (warm-up), taken between the trainer's on_step_begin and on_step_end. Targets (issue 34): step
 time ratio <= 1.10, peak memory <= +5 %. Results: benchmarks/results/hf_cost.json and a table on stdout.
+
+Peak RSS counts what glibc's heap kept, not only live tensors: without `--mmap-threshold`, freed blocks of a
+step's transient tensors stay in a heap that does not shrink, so extra transient allocations show as peak even
+when live memory is not higher. `--mmap-threshold 1048576` (glibc's MALLOC_MMAP_THRESHOLD_, for both configs
+alike; `bilora-dist train` sets the same) makes RSS follow live memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -67,6 +73,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model", default="")
+    p.add_argument("--mmap-threshold", type=int, default=0, help="glibc MALLOC_MMAP_THRESHOLD_ for both configs "
+                   "(bytes; 0: the allocator's default)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/hf_cost.json"))
     p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     p.add_argument("--tmp", default="/tmp/hf_cost", help=argparse.SUPPRESS)
@@ -78,7 +86,8 @@ def main() -> None:
         for config in CONFIGS:
             cmd = [sys.executable, __file__, "--worker", config, "--steps", str(args.steps), "--batch",
                    str(args.batch), "--threads", str(args.threads), "--model", args.model]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else {})}
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
             runs[config].append(json.loads(out.strip().splitlines()[-1]))
             print(f"round {round_ + 1}/{args.rounds} {config}: {runs[config][-1]}", flush=True)
     summary = {c: {k: statistics.median(r[k] for r in runs[c]) for k in ("wall_s", "cpu_s", "peak_rss_mib")}

@@ -240,8 +240,11 @@ class AdapterBank(nn.Module):
         B = B * self.primary.scales[i]
         if self.aux is not None and self.aux_active:
             A2, B2 = self._factors(1, i)
+            B2 = B2 * self.aux.scales[i] if self.aux.scales[i] != 1.0 else B2  # no copy at the default scale
+            if A.shape[-2] == 0:  # an empty primary (the trainer integrations' PEFT model holds the primary)
+                return A2, B2
             A = torch.cat([A, A2], dim=-2)
-            B = torch.cat([B, B2 * self.aux.scales[i]], dim=-1)
+            B = torch.cat([B, B2], dim=-1)
         return A, B
 
     def delta(self, i: int, x: Tensor) -> Tensor:
