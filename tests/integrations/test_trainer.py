@@ -184,3 +184,26 @@ def test_two_ranks_under_accelerate_equal_bilora_dist_train(tmp_path, tiny_model
     assert sorted(saved) == sorted(ref_adapter)
     for key, want in ref_adapter.items():
         assert float((saved[key] - want).norm() / want.norm().clamp_min(1e-30)) <= 1e-5, key
+
+
+def test_squeeze_callback_equals_bilora_dist_squeeze_of_the_saved_adapter(tmp_path, tiny_model_dir, tokenizer,
+                                                                            small_data):
+    """`post`: the callback's compact adapter equals `bilora-dist squeeze --adapter` of the trainer's saved one,
+    tensor for tensor, and PEFT loads it at the new rank."""
+    import sys
+
+    from peft import PeftConfig, PeftModel
+
+    from bilora_dist.integrations import SqueezeCallback
+
+    squeeze = SqueezeCallback(rank=4)
+    trainer = _sft(tmp_path, tiny_model_dir, small_data, tokenizer, [BiLoRACallback(seed=0), squeeze], max_steps=2)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    run_ok([sys.executable, "-m", "bilora_dist", "squeeze", "--adapter", str(tmp_path / "saved"), "--rank", "4",
+            "--out", str(tmp_path / "cli")])
+    ours = load_file(squeeze.written / "adapter_model.safetensors")
+    cli = load_file(tmp_path / "cli" / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(cli) and all(torch.equal(ours[k], cli[k]) for k in cli)
+    assert PeftConfig.from_pretrained(str(squeeze.written)).r == 4
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(squeeze.written))
