@@ -148,8 +148,7 @@ def main(argv: list[str]) -> None:
         return
     if rest[0] not in COMMANDS:
         from bilora_dist.errors import unknown_key_message
-        raise UserError(f"{unknown_key_message(rest[0], list(COMMANDS)).replace('key', 'command')}: one of "
-                        + ", ".join(COMMANDS))
+        raise UserError(f"{unknown_key_message(rest[0], list(COMMANDS), 'command')}: one of " + ", ".join(COMMANDS))
     COMMANDS[rest[0]].main()([*rest[1:], *launcher])
 
 

@@ -13,10 +13,10 @@ class TrainingFault(Exception):
     rank at once. The message says what is kept (the last good checkpoint) and how to continue."""
 
 
-def unknown_key_message(key: str, known: list[str]) -> str:
-    """"unknown key 'X'" plus the nearest valid key, when one is close."""
+def unknown_key_message(key: str, known: list[str], kind: str = "key") -> str:
+    """"unknown key 'X'" (or another `kind` of name) plus the nearest valid one, when one is close."""
     near = difflib.get_close_matches(key, known, n=1)
-    return f"unknown key '{key}'" + (f" (did you mean '{near[0]}'?)" if near else "")
+    return f"unknown {kind} '{key}'" + (f" (did you mean '{near[0]}'?)" if near else "")
 
 
 class OneLineParser(argparse.ArgumentParser):

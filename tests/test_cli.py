@@ -37,6 +37,7 @@ def test_the_console_script_and_the_module_print_the_same_commands():
 @pytest.mark.parametrize("argv, message", [
     ([], "no command given: one of train, plan, export, squeeze, probe"),
     (["trian"], "unknown command 'trian' (did you mean 'train'?): one of train, plan, export, squeeze, probe"),
+    (["monkey"], "unknown command 'monkey': one of train, plan, export, squeeze, probe"),
 ])
 def test_a_missing_or_unknown_command_is_one_line(argv, message):
     proc = run_cmd([sys.executable, "-m", "bilora_dist", *argv])
