@@ -37,17 +37,22 @@ def read_peft_adapter(path: Path, flag: str = "--adapter") -> tuple[Branch, dict
         raise UserError(f"{flag} {path}: not a PEFT adapter directory (needs adapter_config.json and "
                         "adapter_model.safetensors)")
     config = read_json(cfg_file)
+    return peft_branch(read_safetensors(weights), config, f"{flag} {path}"), config
+
+
+def peft_branch(tensors: dict[str, torch.Tensor], config: dict[str, Any], where: str) -> Branch:
+    """The branch of a PEFT LoRA state dict (as saved, or as peft.get_peft_model_state_dict gives it) and its
+    config; `where` names the source in the one-line errors."""
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
-        raise UserError(f"{flag} {path}: only plain LoRA adapters can be squeezed (peft_type "
+        raise UserError(f"{where}: only plain LoRA adapters can be squeezed (peft_type "
                         f"{config.get('peft_type')}, use_dora {config.get('use_dora', False)})")
-    tensors = read_safetensors(weights)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         match = _KEY.match(key)
         if match:
             factors.setdefault(match["name"], {})[match["which"]] = value
     if not factors or any(len(f) != 2 for f in factors.values()):
-        raise UserError(f"{flag} {path}: no complete lora_A/lora_B weight pairs in adapter_model.safetensors")
+        raise UserError(f"{where}: no complete lora_A/lora_B weight pairs in adapter_model.safetensors")
     parameters = _parameter_modules(factors, config.get("target_parameters") or [])
     shapes, pairs, scales = [], [], []
     for module in sorted(factors):
@@ -64,7 +69,7 @@ def read_peft_adapter(path: Path, flag: str = "--adapter") -> tuple[Branch, dict
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", r))
         pairs.append((A, B))
         scales.append(alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
-    return Branch.from_factors(shapes, pairs, scales), config
+    return Branch.from_factors(shapes, pairs, scales)
 
 
 def _parameter_modules(factors: dict[str, Any], target_parameters: list[str]) -> dict[str, str]:

@@ -13,18 +13,19 @@ from transformers import TrainerCallback
 from bilora_dist.adapters.bank import Branch
 from bilora_dist.errors import UserError
 from bilora_dist.export.peft import save_peft_adapter
-from bilora_dist.integrations.peft_bank import check_peft_model, layer_shapes_of, lora_layers
+from bilora_dist.export.peft_io import peft_branch
+from bilora_dist.integrations.peft_bank import check_peft_model
 from bilora_dist.squeeze.branch import squeeze_branch
 
 
 def peft_primary(model: Any) -> Branch:
-    """The PEFT model's LoRA factors and scales as one branch (the layout the project's squeeze reads)."""
-    check_peft_model(model)
-    layers = lora_layers(model)
-    adapter = model.active_adapter
-    factors = [(m.lora_A[adapter].weight.detach().float().cpu(), m.lora_B[adapter].weight.detach().float().cpu())
-               for _, m in layers]
-    return Branch.from_factors(layer_shapes_of(model), factors, [float(m.scaling[adapter]) for _, m in layers])
+    """The PEFT model's LoRA factors and scales as one branch, read as `bilora-dist squeeze` reads a saved
+    adapter (export/peft_io.peft_branch)."""
+    from peft import get_peft_model_state_dict
+
+    config = check_peft_model(model)
+    tensors = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    return peft_branch(tensors, config.to_dict(), "the trainer's PEFT model")
 
 
 class SqueezeCallback(TrainerCallback):
@@ -42,8 +43,8 @@ class SqueezeCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
-        config = check_peft_model(model)
-        branch = peft_primary(model)
+        branch = peft_primary(model)  # checks the model first
+        config = model.peft_config[model.active_adapter]
         if self.rank > max(branch.ranks):
             raise UserError(f"SqueezeCallback: rank {self.rank} exceeds the adapter's rank {max(branch.ranks)}")
         with torch.no_grad():
