@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -228,3 +229,42 @@ def error_line(capsys, argv: list[str], main=train_main) -> str:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     return err
+
+
+def sft_trainer(model_dir: Path, data: Path, out: Path, callbacks: list, *, steps: int, mbs: int, accum: int,
+                lr: float, seq_len: int, max_steps: int | None = None, save_steps: int = 0, **extra):
+    """TRL's SFTTrainer (PEFT LoRA r 8, alpha 16, all-linear) on the project's tokenized examples of `data`, fed
+    in its BatchPlan order through its collate, in fp32 with torch's AdamW and a cosine schedule: the run
+    `bilora-dist train` makes with the same flags (tests/integrations). With W ranks the trainer deals
+    consecutive micro-batches to the ranks in turn, so the order is step, then accumulation, then rank."""
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from bilora_dist.data import BatchPlan, collate, prepare_examples
+    from bilora_dist.data.tokenize import TokenizeOptions
+    from bilora_dist.model.loading import load_tokenizer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tokenizer = load_tokenizer(str(model_dir))
+    examples = prepare_examples(str(data), "--data", tokenizer, TokenizeOptions(seq_len), log=lambda _: None).examples
+    plan = BatchPlan(len(examples), mbs * accum * world, seed=0)
+    order = [i for t in range(steps) for a in range(accum) for r in range(world)
+             for i in plan.micro_batches(t, r, world, accum)[a]]
+
+    def collator(batch_examples):
+        batch = collate(batch_examples, tokenizer.pad_token_id)
+        batch.pop("logits_to_keep")
+        return batch
+
+    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=mbs, gradient_accumulation_steps=accum,
+                     max_steps=max_steps or steps, learning_rate=lr, lr_scheduler_type="cosine",
+                     warmup_steps=math.ceil(0.05 * steps), optim="adamw_torch", max_grad_norm=1.0, bf16=False,
+                     gradient_checkpointing=False, logging_steps=1, save_strategy="steps" if save_steps else "no",
+                     save_steps=save_steps or 500, report_to=[], train_sampling_strategy="sequential",
+                     dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False, seed=0,
+                     use_cpu=True, max_length=None, disable_tqdm=True, **extra)
+    train_set = examples.select(order)
+    return SFTTrainer(AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=train_set,
+                      eval_dataset=train_set.select(range(4)), processing_class=tokenizer, data_collator=collator,
+                      callbacks=callbacks,
+                      peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))

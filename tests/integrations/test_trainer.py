@@ -5,7 +5,6 @@ restores the auxiliary and its moments; evaluation runs the primary alone; bad u
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -14,12 +13,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from bilora_dist.config.train import parse_config
-from bilora_dist.data import BatchPlan, collate, prepare_examples
-from bilora_dist.data.tokenize import TokenizeOptions
+from bilora_dist.data import collate
 from bilora_dist.errors import UserError
 from bilora_dist.integrations import BiLoRACallback
 from bilora_dist.recipe.train import train
-from tests_support import free_port, run_env, run_ok
+from tests_support import free_port, run_env, run_ok, sft_trainer
 
 trl = pytest.importorskip("trl", reason="the hf extra (trl) is part of the test extra")
 
@@ -36,35 +34,9 @@ def _reference(tmp_path, model_dir, data, method: str, accum: int = ACCUM) -> tu
     return [r for r in rows if "loss" in r], load_file(out / "adapter" / "adapter_model.safetensors")
 
 
-def _in_plan_order(data, tokenizer):
-    """The training examples in the order the project's BatchPlan feeds them (step, then micro-batch)."""
-    examples = prepare_examples(str(data[0]), "--data", tokenizer, TokenizeOptions(SEQ), log=lambda _: None).examples
-    plan = BatchPlan(len(examples), MBS * ACCUM, seed=0)
-    return examples.select([i for t in range(STEPS) for mb in plan.micro_batches(t, 0, 1, ACCUM) for i in mb])
-
-
-def _sft(tmp_path, model_dir, data, tokenizer, callbacks, max_steps=STEPS, save_steps=0, name="sft", **extra):
-    from trl import SFTConfig, SFTTrainer
-
-    def collator(examples):
-        batch = collate(examples, tokenizer.pad_token_id)
-        batch.pop("logits_to_keep")
-        return batch
-
-    args = SFTConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=MBS,
-                     gradient_accumulation_steps=ACCUM, max_steps=max_steps, learning_rate=LR,
-                     lr_scheduler_type="cosine", warmup_steps=math.ceil(0.05 * STEPS), optim="adamw_torch",
-                     max_grad_norm=1.0, bf16=False, gradient_checkpointing=False, logging_steps=1,
-                     save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, report_to=[],
-                     train_sampling_strategy="sequential", dataset_kwargs={"skip_prepare_dataset": True},
-                     remove_unused_columns=False, seed=0, use_cpu=True, max_length=None, disable_tqdm=True,
-                     **extra)
-    examples = _in_plan_order(data, tokenizer)
-    trainer = SFTTrainer(AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=examples,
-                         eval_dataset=examples.select(range(4)), processing_class=tokenizer,
-                         data_collator=collator, callbacks=callbacks,
-                         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
-    return trainer
+def _sft(tmp_path, model_dir, data, callbacks, max_steps=STEPS, save_steps=0, name="sft", **extra):
+    return sft_trainer(model_dir, data[0], tmp_path / name, callbacks, steps=STEPS, mbs=MBS, accum=ACCUM, lr=LR,
+                       seq_len=SEQ, max_steps=max_steps, save_steps=save_steps, **extra)
 
 
 def _losses(trainer) -> list[float]:
@@ -80,34 +52,34 @@ def _assert_same_adapter(trainer, tmp_path, reference: dict) -> None:
         assert err <= 1e-5, (key, err)
 
 
-def test_sft_trainer_with_the_callback_equals_bilora_dist_train(tmp_path, tiny_model_dir, tokenizer, small_data):
+def test_sft_trainer_with_the_callback_equals_bilora_dist_train(tmp_path, tiny_model_dir, small_data):
     ref_rows, ref_adapter = _reference(tmp_path, tiny_model_dir, small_data, "bilora")
     callback = BiLoRACallback(rho=0.05, aux_rank=8, seed=0, project_init=True)
-    trainer = _sft(tmp_path, tiny_model_dir, small_data, tokenizer, [callback])
+    trainer = _sft(tmp_path, tiny_model_dir, small_data, [callback])
     trainer.train()
     assert _losses(trainer) == pytest.approx([r["loss"] for r in ref_rows], rel=1e-5, abs=1e-7)
     assert callback.aux_norms == pytest.approx([r["aux_norm"] for r in ref_rows], rel=1e-5)
     _assert_same_adapter(trainer, tmp_path, ref_adapter)
 
 
-def test_without_the_callback_the_trainer_equals_lora(tmp_path, tiny_model_dir, tokenizer, small_data):
+def test_without_the_callback_the_trainer_equals_lora(tmp_path, tiny_model_dir, small_data):
     """The baseline the callback is compared with: the same trainer, plain PEFT, equals `--method lora`."""
     from bilora_dist.integrations.peft_bank import project_init
 
     ref_rows, ref_adapter = _reference(tmp_path, tiny_model_dir, small_data, "lora")
-    trainer = _sft(tmp_path, tiny_model_dir, small_data, tokenizer, [])
+    trainer = _sft(tmp_path, tiny_model_dir, small_data, [])
     project_init(trainer.model, seed=0)
     trainer.train()
     assert _losses(trainer) == pytest.approx([r["loss"] for r in ref_rows], rel=1e-5, abs=1e-7)
     _assert_same_adapter(trainer, tmp_path, ref_adapter)
 
 
-def test_resume_restores_the_auxiliary_and_its_moments(tmp_path, tiny_model_dir, tokenizer, small_data):
+def test_resume_restores_the_auxiliary_and_its_moments(tmp_path, tiny_model_dir, small_data):
     whole = BiLoRACallback(seed=0, project_init=True)
-    trainer = _sft(tmp_path, tiny_model_dir, small_data, tokenizer, [whole], save_steps=2, name="run")
+    trainer = _sft(tmp_path, tiny_model_dir, small_data, [whole], save_steps=2, name="run")
     trainer.train()
     resumed = BiLoRACallback(seed=0, project_init=True)
-    again = _sft(tmp_path, tiny_model_dir, small_data, tokenizer, [resumed], save_steps=2, name="run")
+    again = _sft(tmp_path, tiny_model_dir, small_data, [resumed], save_steps=2, name="run")
     again.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     assert _losses(again)[-2:] == _losses(trainer)[-2:]
     assert torch.equal(resumed.bank.aux.flat, whole.bank.aux.flat) and resumed.aux_norms == whole.aux_norms
@@ -115,7 +87,7 @@ def test_resume_restores_the_auxiliary_and_its_moments(tmp_path, tiny_model_dir,
 
 def test_evaluation_runs_the_primary_alone(tmp_path, tiny_model_dir, tokenizer, small_data):
     callback = BiLoRACallback(seed=0)
-    trainer = _sft(tmp_path, tiny_model_dir, small_data, tokenizer, [callback], max_steps=2, eval_strategy="steps",
+    trainer = _sft(tmp_path, tiny_model_dir, small_data, [callback], max_steps=2, eval_strategy="steps",
                    eval_steps=2, per_device_eval_batch_size=4)
     trainer.train()  # evaluates at step 2, the auxiliary trained and hooked in
     (logged,) = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
@@ -186,8 +158,7 @@ def test_two_ranks_under_accelerate_equal_bilora_dist_train(tmp_path, tiny_model
         assert float((saved[key] - want).norm() / want.norm().clamp_min(1e-30)) <= 1e-5, key
 
 
-def test_squeeze_callback_equals_bilora_dist_squeeze_of_the_saved_adapter(tmp_path, tiny_model_dir, tokenizer,
-                                                                            small_data):
+def test_squeeze_callback_equals_bilora_dist_squeeze_of_the_saved_adapter(tmp_path, tiny_model_dir, small_data):
     """`post`: the callback's compact adapter equals `bilora-dist squeeze --adapter` of the trainer's saved one,
     tensor for tensor, and PEFT loads it at the new rank."""
     import sys
@@ -197,7 +168,7 @@ def test_squeeze_callback_equals_bilora_dist_squeeze_of_the_saved_adapter(tmp_pa
     from bilora_dist.integrations import SqueezeCallback
 
     squeeze = SqueezeCallback(rank=4)
-    trainer = _sft(tmp_path, tiny_model_dir, small_data, tokenizer, [BiLoRACallback(seed=0), squeeze], max_steps=2)
+    trainer = _sft(tmp_path, tiny_model_dir, small_data, [BiLoRACallback(seed=0), squeeze], max_steps=2)
     trainer.train()
     trainer.save_model(str(tmp_path / "saved"))
     run_ok([sys.executable, "-m", "bilora_dist", "squeeze", "--adapter", str(tmp_path / "saved"), "--rank", "4",
